@@ -1,0 +1,237 @@
+"""The stage DAG on Ray Core: ingest -> noun_phrases -> write, one input shard at a time.
+
+Why Ray Core and not Ray Data: the input shard is the unit of parallelism, resume and commit
+(DESIGN.md). Each shard flows as one object through
+
+    read+ingest task  ->  stage actor(s) (model loaded once per actor)  ->  write task
+
+and the driver, the only writer of ``_manifest.json``, records the shard when its write task
+returns. Actors restart and their calls are retried when a worker dies; a shard that still fails
+is reported, left uncommitted, and redone by the next run. Output bytes depend only on the
+shard's content and the stage configs, never on scheduling, so a resumed run equals an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.typed_config import to_dict
+from pipeline.config import RunConfig, semantic_hash
+from pipeline.manifest import Manifest, ShardRecord
+from pipeline.storage import OutputDir, StorageError, expand_shards, open_input, sha256_bytes, shard_name
+from stages.schema import Sample
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class ShardWork:
+    """One input shard in flight: its samples and where they came from."""
+    name: str
+    input: str
+    samples: list[Sample]
+    started: float
+    read_error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    output: str
+    shards_total: int
+    shards_skipped: int            # committed by an earlier run
+    shards_done: int               # committed by this run
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.shards_failed
+
+
+# --------------------------------------------------------------------------- work on one shard
+# Plain functions: the Ray wrappers below call them, and tests may call them directly.
+
+def read_and_ingest(url: str, name: str, cfg: RunConfig) -> ShardWork:
+    from stages.ingest import Ingest
+    from stages.shards import read_shard
+
+    started = time.time()
+    with open_input(url, cfg.input.storage_options) as fh:
+        contents = read_shard(fh, name, source=cfg.input.source)
+    samples, read_error = contents.samples, contents.error
+    Ingest(cfg.ingest)(samples)
+    return ShardWork(name=name, input=url, samples=samples, started=started, read_error=read_error)
+
+
+def write_shard(work: ShardWork, cfg: RunConfig) -> tuple[ShardRecord, dict[str, Any]]:
+    """Encode and commit one shard's files; returns its manifest record and stats."""
+    from stages.write import encode_parquet, encode_shard, shard_stats, stats_table
+
+    out = OutputDir(cfg.output.path, cfg.output.storage_options)
+    tar = encode_shard(work.samples)
+    parquet = encode_parquet(stats_table(work.samples))
+    stats = shard_stats(work.samples, shard=work.name, duration_s=time.time() - work.started)
+    if work.read_error:
+        stats["read_error"] = work.read_error
+    files = {f"{work.name}.tar": sha256_bytes(tar), f"{work.name}.parquet": sha256_bytes(parquet)}
+    stats["files"] = files
+    out.write_bytes(f"{work.name}.tar", tar)
+    out.write_bytes(f"{work.name}.parquet", parquet)
+    # The stats file goes last: once it is there, the shard's data files are complete.
+    out.write_json(f"{work.name}_stats.json", stats)
+    files[f"{work.name}_stats.json"] = ""
+    record = ShardRecord(name=work.name, input=work.input, read=stats["read"], kept=stats["kept"],
+                         dropped=stats["dropped"], files=files, read_error=work.read_error)
+    return record, stats
+
+
+class StageWorker:
+    """Hosts one stage in a Ray actor: ``setup()`` once, then one call per shard."""
+
+    def __init__(self, stage_name: str, cfg: RunConfig) -> None:
+        if stage_name != "noun_phrases":
+            raise ValueError(f"unknown stage {stage_name!r}")
+        from stages.noun_phrases import NounPhrases
+        self.stage = NounPhrases(cfg.noun_phrases)
+        self.stage.setup()
+
+    def process(self, work: ShardWork) -> ShardWork:
+        self.stage(work.samples)
+        return work
+
+    def ready(self) -> bool:
+        return True
+
+
+# --------------------------------------------------------------------------- Ray plumbing
+
+def init_ray(cfg: RunConfig) -> bool:
+    """Join or start Ray; returns True when this call started it (and so must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # local single-user session
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level=logging.WARNING)
+    return True
+
+
+def _check_output(out: OutputDir, cfg: RunConfig, inputs: list[str]) -> Manifest:
+    """Load the manifest of an earlier run into this output, or start a new one."""
+    out.ensure()
+    config_hash = semantic_hash(cfg)
+    manifest = Manifest.load(out)
+    if manifest is None:
+        return Manifest(config_sha256=config_hash, config=to_dict(cfg), inputs=inputs)
+    if manifest.config_sha256 != config_hash:
+        raise StorageError(
+            f"{cfg.output.path} holds shards made with a different stage config "
+            f"(config sha256 {manifest.config_sha256[:12]}… vs {config_hash[:12]}…); resuming "
+            "would mix two configs: choose a new output.path or delete the old output")
+    manifest.inputs = sorted(set(manifest.inputs) | set(inputs))
+    manifest.config = to_dict(cfg)
+    return manifest
+
+
+def run(cfg: RunConfig) -> RunSummary:
+    """Run the DAG over every input shard not yet committed in ``cfg.output.path``."""
+    import ray
+    from stages.write import merge_stats
+
+    t0 = time.time()
+    inputs = expand_shards(cfg.input.shards, cfg.input.storage_options)
+    names = [shard_name(u) for u in inputs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise StorageError(f"input shards share the name {duplicates[0]!r} (output files are named "
+                           "after the input shard); list shards with distinct file names")
+    out = OutputDir(cfg.output.path, cfg.output.storage_options)
+    manifest = _check_output(out, cfg, inputs)
+    out.remove_stale_temporaries()
+
+    stats_by_shard: dict[str, dict] = {}
+    pending: list[tuple[str, str]] = []
+    for url, name in zip(inputs, names):
+        if manifest.committed(name, out):
+            stats = out.read_json(f"{name}_stats.json")
+            if stats is not None:
+                stats_by_shard[name] = stats
+                continue
+        pending.append((url, name))
+    summary = RunSummary(output=cfg.output.path, shards_total=len(inputs),
+                         shards_skipped=len(inputs) - len(pending), shards_done=0)
+    if pending:
+        started_ray = init_ray(cfg)
+        try:
+            _run_pending(cfg, pending, manifest, out, stats_by_shard, summary)
+        finally:
+            if started_ray:
+                ray.shutdown()
+    merged = merge_stats([stats_by_shard[n] for n in sorted(stats_by_shard)])
+    out.write_json("stats.json", merged)
+    manifest.save(out)
+    summary.totals = merged
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manifest, out: OutputDir,
+                 stats_by_shard: dict[str, dict], summary: RunSummary) -> None:
+    import ray
+    from tqdm import tqdm
+
+    read_task = ray.remote(num_cpus=cfg.ray.task_num_cpus, max_retries=3)(read_and_ingest)
+    write_task = ray.remote(num_cpus=cfg.ray.task_num_cpus, max_retries=3)(write_shard)
+    actor_cls = ray.remote(num_cpus=cfg.ray.actor_num_cpus, max_restarts=-1,
+                           max_task_retries=3)(StageWorker)
+    actors = [actor_cls.remote("noun_phrases", cfg) for _ in range(cfg.ray.noun_phrase_actors)]
+    load = [0] * len(actors)
+    inflight: dict[Any, tuple[str, int]] = {}
+    queue = list(pending)
+    bar = tqdm(total=len(pending), unit="shard", desc="pipeline run", disable=not cfg.progress,
+               file=sys.stderr, dynamic_ncols=True)
+    kept = read = 0
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < cfg.ray.max_shards_in_flight:
+                url, name = queue.pop(0)
+                slot = min(range(len(actors)), key=load.__getitem__)
+                work = read_task.remote(url, name, cfg)
+                work = actors[slot].process.remote(work)
+                ref = write_task.options(num_returns=1).remote(work, cfg)
+                inflight[ref] = (name, slot)
+                load[slot] += 1
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                name, slot = inflight.pop(ref)
+                load[slot] -= 1
+                try:
+                    record, stats = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a failed shard must not stop the others
+                    summary.shards_failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                    log.error("shard %s failed and stays uncommitted: %s", name, summary.shards_failed[name])
+                    bar.update(1)
+                    continue
+                manifest.add(record)
+                manifest.save(out)
+                stats_by_shard[name] = stats
+                summary.shards_done += 1
+                read += record.read
+                kept += record.kept
+                bar.set_postfix(read=read, kept=kept)
+                bar.update(1)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)

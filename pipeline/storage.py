@@ -1,0 +1,147 @@
+"""Storage through fsspec: shard listing, reading, and atomic writes (local and object stores).
+
+Local files are written under a temporary name in the same folder and renamed (atomic on POSIX).
+Object stores (s3://, gs://) never expose a partial object: an upload becomes visible only when
+it completes, so finished bytes are written straight to the final name.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from braceexpand import braceexpand
+from fsspec.core import url_to_fs
+
+
+class StorageError(RuntimeError):
+    """A location that cannot be read or written; the message names it."""
+
+
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def expand_shards(patterns: list[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Brace patterns and globs -> a sorted, de-duplicated list of shard URLs/paths.
+
+    Every pattern must match at least one existing shard; a missing one raises StorageError
+    naming it (a typo must not silently shrink a run).
+    """
+    storage_options = storage_options or {}
+    found: list[str] = []
+    for pattern in patterns:
+        for expanded in braceexpand(pattern):
+            fs, path = url_to_fs(expanded, **storage_options)
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+            try:
+                if _has_glob(path):
+                    matches = sorted(fs.glob(path))
+                else:
+                    matches = [path] if fs.isfile(path) else []
+            except Exception as exc:  # noqa: BLE001 - any backend error names the location
+                raise StorageError(f"cannot list input {expanded}: {type(exc).__name__}: {exc}") from exc
+            if not matches:
+                raise StorageError(f"input {expanded} matches no file (check input.shards)")
+            found.extend(prefix + m if prefix and not m.startswith(prefix) else m for m in matches)
+    # keep order of first appearance, drop duplicates
+    seen: set[str] = set()
+    unique = [u for u in found if not (u in seen or seen.add(u))]
+    return unique
+
+
+def shard_name(url: str) -> str:
+    """``s3://b/cc3m/00012.tar`` -> ``00012`` (the output files of a shard are named after it)."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    return base[:-4] if base.endswith(".tar") else base.split(".", 1)[0]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class OutputDir:
+    """A folder (local path or fsspec URL) that receives committed files atomically."""
+
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = url_to_fs(self.url, **self.storage_options)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.local = protocol in ("file", "local")
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def ensure(self) -> None:
+        try:
+            if self.local:
+                os.makedirs(self.root, exist_ok=True)
+            elif not self.fs.exists(self.root):
+                self.fs.makedirs(self.root, exist_ok=True)
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot create output {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` so that readers see either nothing or all of ``data``."""
+        final = self.path(name)
+        if self.local:
+            tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        else:
+            self.fs.pipe_file(final, data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_bytes(self, name: str) -> bytes | None:
+        try:
+            with self.fs.open(self.path(name), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def read_json(self, name: str) -> Any | None:
+        data = self.read_bytes(name)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{self.url}/{name} is not valid JSON ({exc}); it was not written "
+                               "by this tool or is damaged: move it away and rerun") from exc
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete ``.*.tmp`` files a crashed run left behind (local only); returns how many."""
+        if not self.local:
+            return 0
+        stale = _glob.glob(os.path.join(self.root, ".*.tmp"))
+        for path in stale:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        return len(stale)
+
+    def list(self, pattern: str) -> list[str]:
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(self.path(pattern)))
+
+
+def open_input(url: str, storage_options: dict[str, Any] | None = None):
+    """A binary file object for an input shard (caller closes it)."""
+    return fsspec.open(url, "rb", **(storage_options or {})).open()
