@@ -75,6 +75,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
             raise ConfigError(f"{key}{_where(source)}: {value!r} is not valid; accepted: "
                               + ", ".join(repr(m.value) for m in tp)) from None
     if origin in (list, tuple):
+        if isinstance(value, str) and get_args(tp) and get_args(tp)[0] is str:
+            value = [value]          # a single path/pattern where a list of strings is expected
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}{_where(source)}: expected {_type_name(tp)}, got {value!r}")
         args = [a for a in get_args(tp) if a is not Ellipsis]
@@ -164,7 +166,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
+        stripped = raw.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            # e.g. [data/{00000..00009}.tar]: braces are not YAML flow syntax here
+            value = [item.strip() for item in stripped[1:-1].split(",") if item.strip()]
+        else:
+            value = raw
     return key.split("."), value
 
 

@@ -76,9 +76,8 @@ def write_shard(work: ShardWork, cfg: RunConfig) -> tuple[ShardRecord, dict[str,
     out = OutputDir(cfg.output.path, cfg.output.storage_options)
     tar = encode_shard(work.samples)
     parquet = encode_parquet(stats_table(work.samples))
-    stats = shard_stats(work.samples, shard=work.name, duration_s=time.time() - work.started)
-    if work.read_error:
-        stats["read_error"] = work.read_error
+    stats = shard_stats(work.samples, shard=work.name, duration_s=time.time() - work.started,
+                        read_error=work.read_error)
     files = {f"{work.name}.tar": sha256_bytes(tar), f"{work.name}.parquet": sha256_bytes(parquet)}
     stats["files"] = files
     out.write_bytes(f"{work.name}.tar", tar)

@@ -102,3 +102,13 @@ def test_model_configs_load_and_validate():
 def test_model_config_round_trips():
     cfg = load_model_config("glip_l")
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+
+
+def test_brace_patterns_survive_list_overrides():
+    @dataclass
+    class Paths:
+        shards: list[str] = field(default_factory=list)
+
+    data = merge_overrides({}, ["shards=[data/{00000..00009}.tar, s3://b/{0..3}.tar]"])
+    assert from_dict(Paths, data).shards == ["data/{00000..00009}.tar", "s3://b/{0..3}.tar"]
+    assert from_dict(Paths, merge_overrides({}, ["shards=data/*.tar"])).shards == ["data/*.tar"]

@@ -1,0 +1,26 @@
+"""Shared test set-up: offline model hubs, one Ray session for the whole test run."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray shared by every test that needs one (start-up costs ~5 s).
+
+    Logical CPUs are set above the 2 physical cores so that read/write tasks and stage actors
+    (fractional CPUs) can all be scheduled at once, as on a real cluster.
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,70 @@
+"""Run-config errors stop the command before any work, naming the key, file and fix."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import RunConfig, load_run_config, semantic_hash
+from model.typed_config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_overrides_reach_nested_stage_configs(tmp_path):
+    path = _write(tmp_path, "input: {shards: [a.tar]}\noutput: {path: out}\n")
+    cfg = load_run_config(path, ["noun_phrases.batch_size=64", "ray.noun_phrase_actors=3"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.noun_phrases.batch_size == 64 and cfg.ray.noun_phrase_actors == 3
+
+
+def test_semantic_hash_ignores_how_it_runs_but_not_what_it_computes(tmp_path):
+    path = _write(tmp_path, "input: {shards: [a.tar]}\noutput: {path: out}\n")
+    base = semantic_hash(load_run_config(path))
+    assert semantic_hash(load_run_config(path, ["ray.noun_phrase_actors=5", "progress=false"])) == base
+    assert semantic_hash(load_run_config(path, ["ingest.min_size=100"])) != base
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("ingest.min_sise=3", "unknown key ingest.min_sise"),
+    ("ingest.min_size=big", "ingest.min_size"),
+    ("batch_size=0", "batch_size must be >= 1"),
+])
+def test_bad_values_are_named(tmp_path, override, expected):
+    path = _write(tmp_path, "input: {shards: [a.tar]}\noutput: {path: out}\n")
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        load_run_config(path, [override])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["ingest.max_sise=3"], "unknown key ingest.max_sise"),
+    (["ray.noun_phrase_actors=two"], "ray.noun_phrase_actors"),
+    (["input.shards=[missing/{00000..00002}.tar]"], "missing/00000.tar matches no file"),
+])
+def test_cli_fails_with_one_line_and_writes_nothing(tmp_path, args, expected):
+    cfg = _write(tmp_path, "input: {shards: [in/*.tar]}\noutput: {path: out}\n")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(b"")
+    result = _cli("run", str(cfg), *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_config_file(tmp_path):
+    result = _cli("run", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert result.returncode == 2 and "nope.yaml does not exist" in result.stderr
