@@ -16,6 +16,7 @@ from typing import Any
 from model.typed_config import ConfigError, from_dict, merge_overrides, read_yaml, to_dict
 from stages.ingest import IngestConfig
 from stages.noun_phrases import NounPhraseConfig
+from stages.pseudo_label import PseudoLabelConfig
 
 __all__ = ["ConfigError", "RunConfig", "load_run_config", "semantic_hash"]
 
@@ -46,6 +47,10 @@ class RayConfig:
     actor_num_cpus: float = 0.5
     task_num_cpus: float = 0.5              # read/ingest and write tasks
     max_shards_in_flight: int = 4           # back-pressure: shards read but not yet committed
+    # Teacher actors (pseudo_label stage): each takes teacher_num_gpus GPUs when the cluster has
+    # GPUs, else it runs on CPU with actor_num_cpus.
+    teacher_actors: int = 1
+    teacher_num_gpus: float = 1.0
 
 
 @dataclass
@@ -54,6 +59,8 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     noun_phrases: NounPhraseConfig = field(default_factory=NounPhraseConfig)
+    # The GLIP teacher; null = the DAG stops after noun phrases (ingest -> noun_phrases -> write).
+    pseudo_label: PseudoLabelConfig | None = None
     ray: RayConfig = field(default_factory=RayConfig)
     batch_size: int = 256                   # samples per stage call (the unit sent to an actor)
     seed: int = 0
@@ -70,6 +77,8 @@ class RunConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.ray.noun_phrase_actors < 1:
             raise ValueError("ray.noun_phrase_actors must be >= 1")
+        if self.ray.teacher_actors < 1:
+            raise ValueError("ray.teacher_actors must be >= 1")
         if self.ray.max_shards_in_flight < 1:
             raise ValueError("ray.max_shards_in_flight must be >= 1")
 
@@ -99,6 +108,7 @@ def semantic_hash(cfg: RunConfig) -> str:
         "source": cfg.input.source,
         "ingest": to_dict(cfg.ingest),
         "noun_phrases": to_dict(cfg.noun_phrases),
+        "pseudo_label": to_dict(cfg.pseudo_label),
         "seed": cfg.seed,
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

@@ -76,8 +76,9 @@ def write_shard(work: ShardWork, cfg: RunConfig) -> tuple[ShardRecord, dict[str,
     out = OutputDir(cfg.output.path, cfg.output.storage_options)
     tar = encode_shard(work.samples)
     parquet = encode_parquet(stats_table(work.samples))
+    labeler = next((s.labeler for s in work.samples if s.labeler is not None), None)
     stats = shard_stats(work.samples, shard=work.name, duration_s=time.time() - work.started,
-                        read_error=work.read_error)
+                        labeler=labeler, read_error=work.read_error)
     files = {f"{work.name}.tar": sha256_bytes(tar), f"{work.name}.parquet": sha256_bytes(parquet)}
     stats["files"] = files
     out.write_bytes(f"{work.name}.tar", tar)
@@ -90,17 +91,46 @@ def write_shard(work: ShardWork, cfg: RunConfig) -> tuple[ShardRecord, dict[str,
     return record, stats
 
 
+def build_stage(stage_name: str, cfg: RunConfig):
+    """The stage object for ``stage_name`` from its config section."""
+    if stage_name == "noun_phrases":
+        from stages.noun_phrases import NounPhrases
+        return NounPhrases(cfg.noun_phrases)
+    if stage_name == "pseudo_label":
+        from stages.pseudo_label import PseudoLabel
+        return PseudoLabel(cfg.pseudo_label)
+    raise ValueError(f"unknown stage {stage_name!r}")
+
+
+def stage_names(cfg: RunConfig) -> list[str]:
+    """The actor-hosted stages of the DAG, in order (ingest and write run as tasks)."""
+    return ["noun_phrases"] + (["pseudo_label"] if cfg.pseudo_label is not None else [])
+
+
+def _maybe_inject_failure(stage_name: str) -> None:
+    """Fault injection for the retry tests: ``PIPELINE_FAIL_ONCE=<stage>:<marker path>`` makes
+    the first call of that stage raise (the marker file records that it did)."""
+    spec = os.environ.get("PIPELINE_FAIL_ONCE", "")
+    if not spec.startswith(stage_name + ":"):
+        return
+    marker = spec.split(":", 1)[1]
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    raise RuntimeError(f"injected failure in stage {stage_name} (PIPELINE_FAIL_ONCE)")
+
+
 class StageWorker:
     """Hosts one stage in a Ray actor: ``setup()`` once, then one call per shard."""
 
     def __init__(self, stage_name: str, cfg: RunConfig) -> None:
-        if stage_name != "noun_phrases":
-            raise ValueError(f"unknown stage {stage_name!r}")
-        from stages.noun_phrases import NounPhrases
-        self.stage = NounPhrases(cfg.noun_phrases)
+        self.stage = build_stage(stage_name, cfg)
         self.stage.setup()
 
     def process(self, work: ShardWork) -> ShardWork:
+        _maybe_inject_failure(self.stage.name)
         self.stage(work.samples)
         return work
 
@@ -192,11 +222,8 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
 
     read_task = ray.remote(num_cpus=cfg.ray.task_num_cpus, max_retries=3)(read_and_ingest)
     write_task = ray.remote(num_cpus=cfg.ray.task_num_cpus, max_retries=3)(write_shard)
-    actor_cls = ray.remote(num_cpus=cfg.ray.actor_num_cpus, max_restarts=-1,
-                           max_task_retries=3)(StageWorker)
-    actors = [actor_cls.remote("noun_phrases", cfg) for _ in range(cfg.ray.noun_phrase_actors)]
-    load = [0] * len(actors)
-    inflight: dict[Any, tuple[str, int]] = {}
+    pools = {name: _actor_pool(name, cfg) for name in stage_names(cfg)}
+    inflight: dict[Any, tuple[str, list[tuple[ActorPool, int]]]] = {}
     queue = list(pending)
     bar = tqdm(total=len(pending), unit="shard", desc="pipeline run", disable=not cfg.progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -205,16 +232,20 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
         while queue or inflight:
             while queue and len(inflight) < cfg.ray.max_shards_in_flight:
                 url, name = queue.pop(0)
-                slot = min(range(len(actors)), key=load.__getitem__)
                 work = read_task.remote(url, name, cfg)
-                work = actors[slot].process.remote(work)
-                ref = write_task.options(num_returns=1).remote(work, cfg)
-                inflight[ref] = (name, slot)
-                load[slot] += 1
+                used = []
+                for pool in pools.values():
+                    slot = pool.pick()
+                    # retry_exceptions: a batch that raised (OOM, a flaky device) is tried again
+                    work = pool.actors[slot].process.options(retry_exceptions=True).remote(work)
+                    used.append((pool, slot))
+                ref = write_task.remote(work, cfg)
+                inflight[ref] = (name, used)
             done, _ = ray.wait(list(inflight), num_returns=1)
             for ref in done:
-                name, slot = inflight.pop(ref)
-                load[slot] -= 1
+                name, used = inflight.pop(ref)
+                for pool, slot in used:
+                    pool.load[slot] -= 1
                 try:
                     record, stats = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a failed shard must not stop the others
@@ -223,6 +254,8 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
                     bar.update(1)
                     continue
                 manifest.add(record)
+                if stats.get("labeler"):
+                    manifest.extra["labeler"] = stats["labeler"]
                 manifest.save(out)
                 stats_by_shard[name] = stats
                 summary.shards_done += 1
@@ -232,5 +265,36 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
                 bar.update(1)
     finally:
         bar.close()
-        for actor in actors:
-            ray.kill(actor)
+        for pool in pools.values():
+            for actor in pool.actors:
+                ray.kill(actor)
+
+
+@dataclass
+class ActorPool:
+    """The actors of one stage and how many shards each has queued (least-loaded first)."""
+    actors: list
+    load: list[int]
+
+    def pick(self) -> int:
+        slot = min(range(len(self.actors)), key=self.load.__getitem__)
+        self.load[slot] += 1
+        return slot
+
+
+def _actor_pool(stage_name: str, cfg: RunConfig) -> ActorPool:
+    """Start the actors of a stage; the teacher gets GPUs when the cluster has them."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": cfg.ray.actor_num_cpus, "max_restarts": -1,
+                               "max_task_retries": 3}
+    count = cfg.ray.noun_phrase_actors
+    if stage_name == "pseudo_label":
+        count = cfg.ray.teacher_actors
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            options["num_gpus"] = cfg.ray.teacher_num_gpus
+        else:
+            log.info("no GPU in the Ray cluster: the teacher runs on CPU actors")
+    actor_cls = ray.remote(**options)(StageWorker)
+    actors = [actor_cls.remote(stage_name, cfg) for _ in range(count)]
+    return ActorPool(actors=actors, load=[0] * count)

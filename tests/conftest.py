@@ -24,3 +24,17 @@ def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A `tiny` GLIP (pretrained backbone and text encoder, seeded random head) saved as ours."""
+    import torch
+
+    from model.checkpoint import save_pretrained
+    from model.config import load_model_config
+    from model.glip import build_glip
+
+    torch.manual_seed(0)
+    model = build_glip(load_model_config("tiny"))
+    return save_pretrained(model, tmp_path_factory.mktemp("teacher") / "tiny")

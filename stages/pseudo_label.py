@@ -1,0 +1,220 @@
+"""The teacher stage: GLIP grounds each caption's noun phrases; confident boxes become labels.
+
+Recipe (DESIGN.md, "Pseudo-labelling recipe"): the prompt is the caption and each noun phrase
+(its character span) an entity; a box's score for a phrase is the mean probability of the
+phrase's tokens, combined with centerness as the official inference does (``model/postprocess``);
+boxes of all phrases then go through one class-agnostic NMS (``nms_threshold``; two phrases do
+not keep two boxes for one object), and boxes scoring ``>= min_score`` are kept with their scores
+(training may raise the bar later without re-running the teacher). A sample left with no box is
+dropped ``no_boxes``.
+
+Phrases past the text limit (``language.max_query_len`` tokens) cannot be scored: they are
+removed before the teacher runs and counted in ``sample.meta["phrases_truncated"]``; a sample
+that loses every phrase this way is dropped ``no_phrases``.
+
+Boxes are absolute ``xyxy`` in the stored image's frame after EXIF orientation (the predictor
+decodes the original bytes with ``exif_transpose``), clipped to the image.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.base import BaseStage
+from stages.schema import DropReason, Sample
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"      # bf16 autocast on GPU, float32 on CPU
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class CheckpointFormat(str, enum.Enum):
+    AUTO = "auto"          # a folder with model.safetensors -> ours; a .pth/.bin file -> official
+    OURS = "ours"          # model/checkpoint.save_pretrained (safetensors + config.json)
+    OFFICIAL = "official"  # a released GLIP .pth ({"model": {"module.…": tensor}} or a bare dict)
+
+
+@dataclass
+class PseudoLabelConfig:
+    # The teacher: a checkpoint (local path or fsspec URL) and, for official checkpoints, the
+    # model config it belongs to (glip_t / glip_l / a YAML path). Ours carry their own config.
+    checkpoint: str = ""
+    checkpoint_format: CheckpointFormat = CheckpointFormat.AUTO
+    model: str = "glip_t"
+    model_overrides: list[str] = field(default_factory=list)   # e.g. [input.min_size_test=600]
+    min_score: float = 0.5
+    nms_threshold: float | None = 0.6       # class-agnostic NMS across phrases; null disables
+    max_boxes: int = 32                     # per image, best first
+    batch_size: int = 8
+    device: str = "auto"                    # auto = cuda when available, else cpu
+    precision: Precision = Precision.AUTO
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("pseudo_label.checkpoint is empty: give the teacher's checkpoint "
+                             "(a folder written by save_pretrained or an official GLIP .pth)")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"pseudo_label.min_score must be in [0, 1], got {self.min_score}")
+        if self.batch_size < 1 or self.max_boxes < 1:
+            raise ValueError("pseudo_label.batch_size and pseudo_label.max_boxes must be >= 1")
+
+
+def _sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _localise(url: str) -> tuple[Path, str | None]:
+    """A local path for ``url`` (fsspec URLs are copied to a temporary folder)."""
+    if "://" not in url or url.startswith("file://"):
+        path = Path(url.removeprefix("file://"))
+        if not path.exists():
+            raise FileNotFoundError(f"pseudo_label.checkpoint {url} does not exist")
+        return path, None
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(url)
+    tmp = tempfile.mkdtemp(prefix="teacher-")
+    target = Path(tmp) / Path(remote.rstrip("/")).name
+    fs.get(remote, str(target), recursive=fs.isdir(remote))
+    return target, tmp
+
+
+class PseudoLabel(BaseStage):
+    name = "pseudo_label"
+
+    def __init__(self, config: PseudoLabelConfig) -> None:
+        super().__init__(config)
+        self.predictor = None
+        self.labeler: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import torch
+
+        from model.checkpoint import load_official_into, load_pretrained
+        from model.config import load_model_config
+        from model.glip import build_glip
+        from model.predictor import Predictor
+        from model.typed_config import to_dict
+
+        cfg = self.config
+        path, tmp = _localise(cfg.checkpoint)
+        try:
+            fmt = cfg.checkpoint_format
+            if fmt is CheckpointFormat.AUTO:
+                fmt = CheckpointFormat.OURS if path.is_dir() else CheckpointFormat.OFFICIAL
+            if fmt is CheckpointFormat.OURS:
+                model = load_pretrained(path, cfg.model_overrides)
+            else:
+                model = build_glip(load_model_config(cfg.model, cfg.model_overrides), load_weights=False)
+                load_official_into(model, path)
+            checkpoint_sha = _sha256_path(path)
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        precision = cfg.precision
+        if precision is Precision.AUTO:
+            precision = Precision.BF16 if self.device.type == "cuda" else Precision.FP32
+        self.dtype = {Precision.FP32: None, Precision.BF16: torch.bfloat16,
+                      Precision.FP16: torch.float16}[precision]
+        self.predictor = Predictor(model, device=self.device, batch_size=cfg.batch_size)
+        model_cfg = to_dict(model.cfg)
+        self.max_len = model.cfg.language.max_query_len
+        self.labeler = {
+            "model": model.cfg.name,
+            "checkpoint_sha256": checkpoint_sha,
+            "config_sha256": hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest(),
+            "min_score": cfg.min_score,
+            "nms_threshold": cfg.nms_threshold,
+        }
+        self._ready = True
+
+    # ------------------------------------------------------------------------------ call
+    def _fit_phrases(self, sample: Sample) -> None:
+        """Remove phrases whose span ends past the text limit; count them."""
+        tok = self.predictor.model.tokenizer
+        enc = tok(sample.caption, truncation=True, max_length=self.max_len, return_offsets_mapping=True)
+        ends = [e for s, e in enc["offset_mapping"] if e > s]
+        limit = max(ends) if ends else 0
+        fitting = [p for p in sample.phrases if p.span[1] <= limit]
+        sample.meta["phrases_truncated"] = len(sample.phrases) - len(fitting)
+        sample.phrases = fitting
+
+    def _label(self, sample: Sample, det) -> None:
+        import torch
+        from torchvision.ops import nms
+
+        cfg = self.config
+        boxes, scores, labels = det.boxes.float(), det.scores.float(), det.labels
+        if boxes.numel() and cfg.nms_threshold is not None:
+            # legacy +1 IoU as everywhere in GLIP: NMS on boxes grown by one pixel
+            grown = boxes.clone()
+            grown[:, 2:] += 1
+            keep = nms(grown, scores, cfg.nms_threshold)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = scores >= cfg.min_score
+        boxes, scores, labels = boxes[keep][: cfg.max_boxes], scores[keep][: cfg.max_boxes], labels[keep][: cfg.max_boxes]
+        w, h = sample.width, sample.height
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        sample.boxes = [[round(float(v), 2) for v in b] for b in boxes.tolist()]
+        sample.scores = [round(float(s), 4) for s in scores.tolist()]
+        sample.tokens_positive = [[list(sample.phrases[int(i)].span)] for i in labels.tolist()]
+        sample.labeler = self.labeler
+        if not sample.boxes:
+            sample.drop(DropReason.NO_BOXES)
+
+    def __call__(self, batch: list[Sample]) -> list[Sample]:
+        import contextlib
+
+        import torch
+
+        self.ensure_setup()
+        todo = []
+        for sample in batch:
+            if not sample.kept:
+                continue
+            try:
+                self._fit_phrases(sample)
+            except Exception as exc:  # noqa: BLE001
+                sample.drop(DropReason.STAGE_ERROR, f"{self.name}: {type(exc).__name__}: {exc}")
+                continue
+            if not sample.phrases:
+                sample.drop(DropReason.NO_PHRASES, "every phrase is past the text limit")
+                continue
+            todo.append(sample)
+        if not todo:
+            return batch
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            dets = self.predictor.ground([s.image for s in todo], [s.caption for s in todo],
+                                         [[list(p.span) for p in s.phrases] for s in todo])
+        for sample, det in zip(todo, dets):
+            try:
+                self._label(sample, det)
+            except Exception as exc:  # noqa: BLE001
+                sample.drop(DropReason.STAGE_ERROR, f"{self.name}: {type(exc).__name__}: {exc}")
+        return batch
