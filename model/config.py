@@ -22,6 +22,12 @@ class FusionKind(str, enum.Enum):
     MHA_B = "mha_b"   # the official bi-directional X-MHA ("MHA-B")
 
 
+class CheckpointFormat(str, enum.Enum):
+    AUTO = "auto"          # a folder with model.safetensors -> ours; a .pth/.bin file -> official
+    OURS = "ours"          # checkpoint.save_pretrained (safetensors + config.json)
+    OFFICIAL = "official"  # a released GLIP .pth ({"model": {"module.…": tensor}} or a bare dict)
+
+
 @dataclass
 class SwinConfig:
     embed_dim: int = 96

@@ -65,3 +65,66 @@ def format_stats(rep: _report.StatsReport) -> str:
     if rep.plots:
         text += "\nplots:\n" + "\n".join(f"  {p}" for p in rep.plots)
     return text
+
+
+def predict(image: str, checkpoint: str, model: str = "glip_t", classes: list[str] | None = None,
+            caption: str | None = None, out: str | None = None, min_score: float = 0.3,
+            overrides: list[str] | None = None) -> dict:
+    """One image: detect ``classes`` or ground ``caption``'s noun phrases; optionally draw them."""
+    from model.load import load_glip
+    from model.predictor import Predictor
+
+    net, _ = load_glip(checkpoint, model=model, overrides=overrides)
+    predictor = Predictor(net, batch_size=1)
+    data = Path(image).read_bytes()
+    if classes:
+        det = predictor.detect([data], classes)[0]
+        text = ". ".join(classes)
+        starts = [sum(len(c) + 2 for c in classes[:i]) for i in range(len(classes))]
+        spans = [[s, s + len(c)] for s, c in zip(starts, classes)]
+    else:
+        from stages.noun_phrases import NounPhrases, NounPhraseConfig
+        from stages.schema import Sample
+        sample = Sample(key="image", input_shard="predict", caption=caption)
+        NounPhrases(NounPhraseConfig())([sample])
+        spans = [list(p.span) for p in sample.phrases]
+        det = predictor.ground([data], [caption], [spans])[0]
+        text = caption
+    keep = det.scores >= min_score
+    result = {"boxes": det.boxes[keep].tolist(), "scores": det.scores[keep].tolist(),
+              "phrases": [p for p, k in zip(det.phrases, keep.tolist()) if k],
+              "tokens_positive": [[spans[int(i)]] for i in det.labels[keep].tolist()]}
+    if out:
+        from stages.gallery import draw_sample
+        from PIL import Image
+        import io
+        im = Image.open(io.BytesIO(data))
+        record = {"key": Path(image).stem, "caption": text, "width": im.width, "height": im.height,
+                  "boxes": result["boxes"], "scores": result["scores"],
+                  "tokens_positive": result["tokens_positive"],
+                  "phrases": [{"text": text[a:b], "span": [a, b]} for a, b in spans]}
+        draw_sample(record, data).save(out)
+        result["out"] = out
+    return result
+
+
+def _output_shards(output: str, storage_options: dict | None) -> list[str]:
+    from pipeline.storage import expand_shards
+    return expand_shards([output.rstrip("/") + "/*.tar"], storage_options)
+
+
+def show(output: str, out: str | None = None, n: int = 24, seed: int = 0, min_score: float | None = None,
+         storage_options: dict | None = None) -> dict:
+    """An HTML gallery of ``n`` samples of a run's output shards (default ``OUTPUT/gallery``)."""
+    from stages.gallery import gallery_from_shards
+    out = out or output.rstrip("/") + "/gallery"
+    return gallery_from_shards(_output_shards(output, storage_options), out, n=n, seed=seed,
+                               min_score=min_score, storage_options=storage_options)
+
+
+def export(output: str, out: str, fmt: str, min_score: float | None = None,
+           storage_options: dict | None = None) -> dict:
+    """Export a run's output shards as ODVG jsonl or MDETR JSON, images alongside."""
+    from stages.export import export_shards
+    return export_shards(_output_shards(output, storage_options), out, format=fmt,
+                         storage_options=storage_options, min_score=min_score)

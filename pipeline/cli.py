@@ -3,6 +3,10 @@
     pipeline run CONFIG [key=value ...]     the stage DAG over web shards
     pipeline stats OUTPUT [--plots DIR]     totals, drop reasons and PNG plots of a run
     pipeline demo [key=value ...]           generate a small web-shard sample and run the DAG on it
+    pipeline eval [CONFIG] [key=value ...]  detection AP / grounding recall of a checkpoint
+    pipeline predict IMAGE --checkpoint C (--classes A B ... | --caption TEXT) [--out PNG]
+    pipeline show OUTPUT [--out DIR] [-n 24]  an HTML gallery of pseudo-labelled samples
+    pipeline export OUTPUT --format odvg|mdetr --out DIR   for other grounding trainers
 """
 from __future__ import annotations
 
@@ -46,6 +50,43 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from pipeline.evaluation import load_eval_config, run_eval
+    from stages.evaluate import format_metrics_table
+    config, overrides = _split_config(ns.args)
+    metrics = run_eval(load_eval_config(config, overrides))
+    print(format_metrics_table(metrics, title=f"{metrics['kind']}: {metrics['checkpoint']}"))
+    print("written: " + ", ".join(metrics["written"]))
+    return 0
+
+
+def _cmd_predict(ns: argparse.Namespace) -> int:
+    from pipeline import api
+    result = api.predict(ns.image, checkpoint=ns.checkpoint, model=ns.model, classes=ns.classes,
+                         caption=ns.caption, out=ns.out, min_score=ns.min_score,
+                         overrides=ns.override or [])
+    for box, score, phrase in zip(result["boxes"], result["scores"], result["phrases"]):
+        print(f"{score:6.3f}  {phrase:<30} [{', '.join(f'{v:.1f}' for v in box)}]")
+    if result.get("out"):
+        print(f"drawn: {result['out']}")
+    return 0
+
+
+def _cmd_show(ns: argparse.Namespace) -> int:
+    from pipeline import api
+    summary = api.show(ns.output, out=ns.out, n=ns.n, seed=ns.seed, min_score=ns.min_score)
+    print(f"gallery: {summary['index']} ({summary['shown']} of {summary['eligible']} samples)")
+    return 0
+
+
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from pipeline import api
+    summary = api.export(ns.output, out=ns.out, fmt=ns.format, min_score=ns.min_score)
+    print(f"{summary['format']}: {summary['annotations']} ({summary['images']} images, "
+          f"{summary['boxes']} boxes; {summary['skipped_no_boxes']} images without a box skipped)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="glip-selftrain: GLIP and its self-training data engine.")
@@ -73,6 +114,41 @@ def build_parser() -> argparse.ArgumentParser:
                        "prints the statistics. key=value overrides apply to the run config.")
     p.add_argument("args", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("eval", help="zero-shot detection AP or phrase-grounding recall of a checkpoint",
+                       description="Evaluate a checkpoint (ours or an official GLIP .pth) on COCO-format "
+                       "detection or MDETR-format grounding ground truth. Keys: kind=detection|grounding "
+                       "checkpoint=... model=glip_t annotations=... image_root=... output=DIR "
+                       "batch_size=4 max_dets=100 (300 for LVIS) model_overrides=[...].")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="detect class names or ground a caption's phrases in one image")
+    p.add_argument("image", help="image file")
+    p.add_argument("--checkpoint", required=True, help="our checkpoint folder or an official GLIP .pth")
+    p.add_argument("--model", default="glip_t", help="config of an official checkpoint (glip_t, glip_l)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--classes", nargs="+", help="class names (detection)")
+    group.add_argument("--caption", help="a caption; its noun phrases (spaCy) are grounded")
+    p.add_argument("--min-score", type=float, default=0.3, help="drop boxes below this score")
+    p.add_argument("--out", default=None, help="write the image with boxes drawn to this PNG")
+    p.add_argument("--override", action="append", help="model config key=value (repeatable)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("show", help="an HTML gallery (and PNGs) of samples with their boxes and phrases")
+    p.add_argument("output", help="the output.path of a run")
+    p.add_argument("--out", default=None, help="gallery folder (default OUTPUT/gallery)")
+    p.add_argument("-n", type=int, default=24, help="number of samples (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="sample selection seed")
+    p.add_argument("--min-score", type=float, default=None, help="hide boxes below this score")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("export", help="export output shards as ODVG jsonl or MDETR JSON + images")
+    p.add_argument("output", help="the output.path of a run")
+    p.add_argument("--format", required=True, choices=["odvg", "mdetr"])
+    p.add_argument("--out", required=True, help="export folder (annotations + images/)")
+    p.add_argument("--min-score", type=float, default=None, help="drop boxes below this score")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -13,20 +13,18 @@ removed before the teacher runs and counted in ``sample.meta["phrases_truncated"
 that loses every phrase this way is dropped ``no_phrases``.
 
 Boxes are absolute ``xyxy`` in the stored image's frame after EXIF orientation (the predictor
-decodes the original bytes with ``exif_transpose``), clipped to the image.
+decodes the original bytes with ``exif_transpose``), clipped to the image with the legacy
+convention (x2 <= W - 1); boxes under a pixel wide or high are dropped.
 """
 from __future__ import annotations
 
 import enum
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from model.config import CheckpointFormat
 from stages.base import BaseStage
 from stages.schema import DropReason, Sample
 
@@ -36,12 +34,6 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
-
-
-class CheckpointFormat(str, enum.Enum):
-    AUTO = "auto"          # a folder with model.safetensors -> ours; a .pth/.bin file -> official
-    OURS = "ours"          # model/checkpoint.save_pretrained (safetensors + config.json)
-    OFFICIAL = "official"  # a released GLIP .pth ({"model": {"module.…": tensor}} or a bare dict)
 
 
 @dataclass
@@ -69,34 +61,6 @@ class PseudoLabelConfig:
             raise ValueError("pseudo_label.batch_size and pseudo_label.max_boxes must be >= 1")
 
 
-def _sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _localise(url: str) -> tuple[Path, str | None]:
-    """A local path for ``url`` (fsspec URLs are copied to a temporary folder)."""
-    if "://" not in url or url.startswith("file://"):
-        path = Path(url.removeprefix("file://"))
-        if not path.exists():
-            raise FileNotFoundError(f"pseudo_label.checkpoint {url} does not exist")
-        return path, None
-    import fsspec
-
-    fs, remote = fsspec.core.url_to_fs(url)
-    tmp = tempfile.mkdtemp(prefix="teacher-")
-    target = Path(tmp) / Path(remote.rstrip("/")).name
-    fs.get(remote, str(target), recursive=fs.isdir(remote))
-    return target, tmp
-
-
 class PseudoLabel(BaseStage):
     name = "pseudo_label"
 
@@ -109,27 +73,13 @@ class PseudoLabel(BaseStage):
     def setup(self) -> None:
         import torch
 
-        from model.checkpoint import load_official_into, load_pretrained
-        from model.config import load_model_config
-        from model.glip import build_glip
+        from model.load import load_glip
         from model.predictor import Predictor
         from model.typed_config import to_dict
 
         cfg = self.config
-        path, tmp = _localise(cfg.checkpoint)
-        try:
-            fmt = cfg.checkpoint_format
-            if fmt is CheckpointFormat.AUTO:
-                fmt = CheckpointFormat.OURS if path.is_dir() else CheckpointFormat.OFFICIAL
-            if fmt is CheckpointFormat.OURS:
-                model = load_pretrained(path, cfg.model_overrides)
-            else:
-                model = build_glip(load_model_config(cfg.model, cfg.model_overrides), load_weights=False)
-                load_official_into(model, path)
-            checkpoint_sha = _sha256_path(path)
-        finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
+        model, checkpoint_sha = load_glip(cfg.checkpoint, cfg.checkpoint_format, cfg.model,
+                                          cfg.model_overrides)
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,11 +124,13 @@ class PseudoLabel(BaseStage):
             grown[:, 2:] += 1
             keep = nms(grown, scores, cfg.nms_threshold)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = scores >= cfg.min_score
-        boxes, scores, labels = boxes[keep][: cfg.max_boxes], scores[keep][: cfg.max_boxes], labels[keep][: cfg.max_boxes]
+        # clip to the image (legacy convention: the last pixel is W-1) and drop boxes that are
+        # less than a pixel wide or high after clipping (useless as targets, readers drop them)
         w, h = sample.width, sample.height
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w - 1)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h - 1)
+        keep = (scores >= cfg.min_score) & (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        boxes, scores, labels = boxes[keep][: cfg.max_boxes], scores[keep][: cfg.max_boxes], labels[keep][: cfg.max_boxes]
         sample.boxes = [[round(float(v), 2) for v in b] for b in boxes.tolist()]
         sample.scores = [round(float(s), 4) for s in scores.tolist()]
         sample.tokens_positive = [[list(sample.phrases[int(i)].span)] for i in labels.tolist()]

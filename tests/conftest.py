@@ -38,3 +38,13 @@ def tiny_teacher(tmp_path_factory):
     torch.manual_seed(0)
     model = build_glip(load_model_config("tiny"))
     return save_pretrained(model, tmp_path_factory.mktemp("teacher") / "tiny")
+
+
+# An untrained head scores every anchor ~prior_prob (0.01): let every anchor be a candidate so
+# the teacher has boxes to keep, filter and check; small test sizes keep CPU time low.
+TEACHER_OVERRIDES = ["inference.score_threshold=0.0", "input.min_size_test=128", "input.max_size_test=192"]
+
+
+@pytest.fixture(scope="session")
+def teacher_overrides():
+    return list(TEACHER_OVERRIDES)

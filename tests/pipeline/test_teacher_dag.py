@@ -13,9 +13,11 @@ import pytest
 from pipeline import api
 from pipeline.config import load_run_config
 from stages.synthetic import write_web_shards
-from tests_support import TEACHER_OVERRIDES
 
 pytestmark = pytest.mark.slow
+
+
+TEACHER_OVERRIDES = ["inference.score_threshold=0.0", "input.min_size_test=128", "input.max_size_test=192"]
 
 
 def _args(root, out, teacher, *extra):
@@ -89,3 +91,17 @@ def test_teacher_failure_is_retried_and_output_equals_clean_run(shards, labelled
     assert "0 failed" in result.stdout
     for name in ("00000.tar", "00001.tar", "00000.parquet", "00001.parquet"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_show_and_export_read_the_output(labelled, tmp_path):
+    from stages.readers.mdetr import MdetrGroundingReader, MdetrReaderConfig
+
+    out, summary = labelled
+    gallery = api.show(str(out), out=str(tmp_path / "gallery"), n=4)
+    html = (tmp_path / "gallery" / "index.html").read_text()
+    assert gallery["shown"] == min(4, summary.totals["kept"]) and all(k in html for k in gallery["keys"])
+    exported = api.export(str(out), out=str(tmp_path / "mdetr"), fmt="mdetr")
+    reader = MdetrGroundingReader(MdetrReaderConfig(annotations=exported["annotations"],
+                                                    image_root=exported["image_root"]))
+    assert len(reader) == summary.totals["kept"]
+    assert sum(len(im.boxes) for im in reader) == summary.totals["boxes"]

@@ -11,12 +11,11 @@ from stages.ingest import Ingest, IngestConfig
 from stages.pseudo_label import PseudoLabel, PseudoLabelConfig
 from stages.schema import DropReason, Phrase, Sample
 
-from tests_support import TEACHER_OVERRIDES as OVERRIDES
 
 
 @pytest.fixture(scope="module")
-def stage(tiny_teacher):
-    st = PseudoLabel(PseudoLabelConfig(checkpoint=str(tiny_teacher), model_overrides=OVERRIDES,
+def stage(tiny_teacher, teacher_overrides):
+    st = PseudoLabel(PseudoLabelConfig(checkpoint=str(tiny_teacher), model_overrides=teacher_overrides,
                                        min_score=0.05, batch_size=4))
     st.setup()
     return st
@@ -65,7 +64,7 @@ def test_boxes_are_in_the_exif_oriented_frame_within_bounds(stage):
     assert torch.allclose(torch.tensor(rotated.boxes[0]), torch.tensor(upright.boxes[0]), atol=8.0)
 
 
-def test_labels_reference_the_phrases_and_respect_thresholds(stage, tiny_teacher):
+def test_labels_reference_the_phrases_and_respect_thresholds(stage, tiny_teacher, teacher_overrides):
     data, _ = _jpeg()
     s = _sample("a", data)
     stage([s])
@@ -77,7 +76,7 @@ def test_labels_reference_the_phrases_and_respect_thresholds(stage, tiny_teacher
     assert s.scores == sorted(s.scores, reverse=True)
     assert s.labeler["min_score"] == 0.05 and len(s.labeler["checkpoint_sha256"]) == 64
 
-    strict = PseudoLabel(PseudoLabelConfig(checkpoint=str(tiny_teacher), model_overrides=OVERRIDES,
+    strict = PseudoLabel(PseudoLabelConfig(checkpoint=str(tiny_teacher), model_overrides=teacher_overrides,
                                            min_score=max(s.scores) + 1e-3))
     s2 = _sample("b", data)
     strict([s2])
