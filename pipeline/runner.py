@@ -48,6 +48,9 @@ class RunSummary:
     shards_failed: dict[str, str] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # (shard, seconds since the run started, samples read) per shard committed by this run,
+    # in commit order: the steady-state throughput is between the first and the last commit.
+    commits: list[tuple[str, float, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -228,6 +231,7 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
     bar = tqdm(total=len(pending), unit="shard", desc="pipeline run", disable=not cfg.progress,
                file=sys.stderr, dynamic_ncols=True)
     kept = read = 0
+    t_start = time.time()
     try:
         while queue or inflight:
             while queue and len(inflight) < cfg.ray.max_shards_in_flight:
@@ -259,6 +263,7 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
                 manifest.save(out)
                 stats_by_shard[name] = stats
                 summary.shards_done += 1
+                summary.commits.append((name, time.time() - t_start, record.read))
                 read += record.read
                 kept += record.kept
                 bar.set_postfix(read=read, kept=kept)

@@ -135,6 +135,16 @@ def test_timm_backbone_strides_channels_and_bgr_flip():
         assert torch.equal(a, b)
 
 
+def test_timm_backbone_freezing_and_batchnorm_statistics():
+    body = TimmBackbone("efficientnet_lite0", frozen_stages=1).train()
+    assert not any(p.requires_grad for p in body.model.conv_stem.parameters())
+    assert not any(p.requires_grad for p in body.model.blocks[0].parameters())
+    assert all(p.requires_grad for p in body.model.blocks[1].parameters())
+    before = body.model.blocks[2][0].bn1.running_mean.clone()
+    body(torch.randn(2, 3, 64, 64))
+    assert torch.equal(body.model.blocks[2][0].bn1.running_mean, before)    # frozen statistics
+
+
 def test_timm_backbone_rejects_missing_strides():
     with pytest.raises(ValueError, match="strides"):
         TimmBackbone("efficientnet_lite0", strides=(8, 16, 64))

@@ -15,7 +15,10 @@ from model.config import load_model_config
 from model.glip import build_glip
 
 _ROOT = Path(__file__).resolve().parents[2]
+# The official parameter manifests (copied from shared/reference/ into tests/model/data/ so the
+# test never depends on what lies beside the checkout).
 REFERENCE = next((p for p in (Path(os.environ.get("GLIP_REFERENCE_DIR", "/nonexistent")),
+                              Path(__file__).resolve().parent / "data",
                               _ROOT / "shared" / "reference", _ROOT.parent / "shared" / "reference")
                   if (p / "glip_t_state_dict.json").is_file()), None)
 DROPPED = {"module.rpn.head.cls_logits.weight", "module.rpn.head.cls_logits.bias",
@@ -40,27 +43,27 @@ def manifest(name: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def fake_checkpoint(entries, random: bool) -> dict[str, torch.Tensor]:
-    """Tensors of the listed shapes; each has its own values (random, or a constant per tensor for
-    the big L file), so a swap of two same-shaped tensors cannot go unnoticed."""
+def fake_checkpoint(entries) -> dict[str, torch.Tensor]:
+    """Tensors of the listed shapes: random values plus a per-tensor offset, so a swap of two
+    same-shaped tensors cannot go unnoticed (one random draw, reused: fast for GLIP-L's 430 M)."""
+    largest = max(torch.Size(shape).numel() for _, shape in entries)
+    base = torch.rand(largest, generator=torch.Generator().manual_seed(0))
     sd = {}
     for i, (key, shape) in enumerate(entries):
+        values = (base[:torch.Size(shape).numel()] + 2 * i).view(shape)
         integer = key.endswith(("relative_position_index", "position_ids"))
-        if integer:
-            sd[key] = torch.randint(0, 100, shape) if random else torch.full(shape, i, dtype=torch.long)
-        else:
-            sd[key] = torch.randn(shape) if random else torch.full(shape, float(i))
+        sd[key] = (values * 1000).long() if integer else values
     return sd
 
 
-CASES = [("glip_t", [], "t", True), ("glip_t", ["head.fusion=none"], "t_a", False), ("glip_l", [], "l", False)]
+CASES = [("glip_t", [], "t"), ("glip_t", ["head.fusion=none"], "t_a"), ("glip_l", [], "l")]
 
 
-@pytest.mark.parametrize("config, overrides, ref, random", CASES, ids=["glip_t", "glip_t_a", "glip_l"])
-def test_official_checkpoint_loads_strictly_and_exports_back(tmp_path, config, overrides, ref, random):
+@pytest.mark.parametrize("config, overrides, ref", CASES, ids=["glip_t", "glip_t_a", "glip_l"])
+def test_official_checkpoint_loads_strictly_and_exports_back(tmp_path, config, overrides, ref):
     entries = manifest(ref)
     assert len(entries) == {"t": 746, "t_a": 542, "l": 1022}[ref]      # spec §1, §9
-    original = fake_checkpoint(entries, random)
+    original = fake_checkpoint(entries)
     torch.save({"model": original, "iteration": 1}, tmp_path / "official.pth")
 
     model = build_glip(load_model_config(config, overrides), device="meta")
@@ -117,6 +120,13 @@ def test_read_official_accepts_bare_dicts_and_strips_module_only_when_all_keys_h
         read_official(tmp_path / "bad.pth")
     with pytest.raises(FileNotFoundError):
         read_official(tmp_path / "missing.pth")
+    torch.save({"model": {"a": torch.zeros(1)}, "cfg": Unsafe()}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_official(tmp_path / "pickled.pth")
+
+
+class Unsafe:
+    """An arbitrary pickled object, as a config object saved beside the weights."""
 
 
 def test_strict_load_names_every_offending_key(tiny_model):

@@ -79,6 +79,7 @@ def test_freeze_and_errors(tmp_path):
     with torch.device("meta"):
         frozen = LanguageEncoder(LanguageConfig(model="bert-base-uncased", freeze=True))
     assert not any(p.requires_grad for p in frozen.parameters())
+    assert not frozen.train().model.training                  # no dropout while frozen
     with pytest.raises(ValueError, match="unknown packaged"):
         build_bert("pkg:nope")
     with pytest.raises(FileNotFoundError, match="never downloaded"):
