@@ -1,0 +1,524 @@
+"""The miniature world: a seeded, self-built stand-in for O365, GoldG, CC3M and a held-out set.
+
+No one can download the real data sets here, so the self-training demo (issue 9) learns a small
+world that this module draws: images of simple but distinct objects (coloured shapes and a few
+object-like drawings, ``stages.world_draw``) on varied backgrounds, 1-4 objects per image.
+``build_world(out_dir, cfg)`` writes, under ``out_dir`` (a local folder owned by the world):
+
+- ``detection/annotations.json`` + ``detection/images/``: COCO detection, the **common** classes
+  only, every object annotated (the Objects365 role);
+- ``grounding/annotations.json`` + ``grounding/images/``: MDETR grounding (the GoldG role):
+  ``images[*].caption``, per box ``tokens_positive``, per image ``tokens_positive_eval`` (so
+  grounding recall can be computed). Mostly common classes; every **rare** class appears in
+  exactly ``rare_in_grounding`` images (one instance each), nowhere else in training data;
+- ``eval/annotations.json`` + ``eval/images/``: held-out COCO detection with **all** classes;
+  categories carry LVIS ``frequency`` (``r`` for the rare classes; ``f`` for a common class in
+  more than 100 training images, else ``c``), so ``stages.evaluate`` reports APr/APc/APf.
+  ``eval/grounding.json``: the same images in MDETR format (captions naming every object);
+- ``web/00000.tar`` ...: img2dataset shards (``KEY.jpg``, ``KEY.txt``, ``KEY.json``; keys
+  ``SSSSSIIII``), captions only, no boxes (the CC3M role). Rare classes are frequent here
+  (``web_rare_fraction``); a caption may leave an object out (``web_unmentioned_prob``) or its
+  colour unsaid, as alt-text does;
+- ``web_truth.json``: the true boxes of the web images, for analysis only (the pipeline never
+  reads it);
+- ``world.json``: the manifest (``WorldManifest``): config, seed, box convention, counts per
+  split and class, sha256 of every annotation file and tar and a digest of each image folder.
+
+Captions are natural sentences whose noun phrases spaCy's noun chunks find, e.g. ``"a small
+striped red star next to a blue circle on a checkered background"``; spatial words (``above``,
+``below``) are true of the picture, size words (``small``, ``big``) of the object. The
+backdrop is named ``background`` (block-listed by ``stages.noun_phrases``) or, with
+``scene_phrase_prob``, ``wall``/``floor``/``curtain``: a noun phrase with no box, as real
+captions have.
+
+Boxes: COCO ``[x, y, w, h]`` in pixels with integer values, tight around the drawn object's
+mask; the object covers pixels ``x .. x + w - 1`` (the readers' ``legacy`` convention,
+``stages.readers.common``: ``x2 = x + w - 1``).
+
+Deterministic: every image is drawn from ``random.Random`` seeded by (seed, split, index); JPEG
+quality, tar headers and JSON layout are fixed, so the same config writes byte-identical files.
+``python -m stages.world CONFIG OUT [key=value ...]`` builds a world from the command line.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from model import typed_config
+from stages.world_draw import PALETTE, SHAPES, Scene, WorldObject, draw_scene
+
+__all__ = ["WorldConfig", "WorldManifest", "build_world", "load_world", "ensure_world",
+           "BOX_CONVENTION", "FORMAT"]
+
+FORMAT = "glip-selftrain-world/1"
+BOX_CONVENTION = "legacy"        # COCO xywh; the object covers x .. x + w - 1 (stages.readers.common)
+_LVIS_FREQUENT = 100             # LVIS: a class in > 100 training images is "f", 11-100 "c", <= 10 "r"
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    common_classes: list[str] = field(default_factory=lambda: [
+        "circle", "square", "triangle", "star", "heart", "cross", "ring", "diamond"])
+    rare_classes: list[str] = field(default_factory=lambda: ["moon", "arrow", "cloud", "flower"])
+    colours: list[str] = field(default_factory=lambda: list(PALETTE))
+    detection_images: int = 300
+    grounding_images: int = 120
+    eval_images: int = 120
+    web_images: int = 600
+    web_shard_size: int = 100            # samples per web tar
+    image_size: list[int] = field(default_factory=lambda: [160, 192])    # [min, max] of width and height
+    object_size: list[int] = field(default_factory=lambda: [24, 96])     # [min, max] longest side, px
+    objects_per_image: list[int] = field(default_factory=lambda: [1, 4])
+    max_overlap: float = 0.1             # box intersection / smaller box area, at most
+    rare_in_grounding: int = 6           # grounding images (one instance each) per rare class
+    eval_rare_fraction: float = 0.4      # chance an eval object is of a rare class
+    web_rare_fraction: float = 0.4       # chance a web object is of a rare class
+    web_unmentioned_prob: float = 0.1    # chance each web object but one is left out of the caption
+    web_colour_prob: float = 0.85        # chance a web caption names an object's colour
+    scene_phrase_prob: float = 0.25      # chance the backdrop is a wall/floor/curtain (a boxless phrase)
+    clutter: int = 2                     # at most this many background strokes per image
+    jpeg_quality: int = 90
+
+    def validate(self) -> None:
+        def pair(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if len(v) != 2 or not low <= v[0] <= v[1]:
+                raise ValueError(f"{name}: expected [min, max] with {low} <= min <= max, got {v}")
+
+        for group in ("common_classes", "rare_classes"):
+            unknown = [c for c in getattr(self, group) if c not in SHAPES]
+            if unknown:
+                raise ValueError(f"{group}: unknown class {unknown[0]!r}; known: {', '.join(SHAPES)}")
+        names = self.common_classes + self.rare_classes
+        if not self.common_classes or len(set(names)) != len(names):
+            raise ValueError("common_classes must be non-empty and no class may be listed twice "
+                             f"(common {self.common_classes}, rare {self.rare_classes})")
+        unknown = [c for c in self.colours if c not in PALETTE]
+        if unknown or len(set(self.colours)) != len(self.colours) or len(self.colours) < 2:
+            raise ValueError(f"colours: at least two distinct names from {', '.join(PALETTE)}, got {self.colours}")
+        for name in ("detection_images", "grounding_images", "eval_images", "web_images", "clutter",
+                     "rare_in_grounding"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.web_shard_size <= 10000:
+            raise ValueError(f"web_shard_size: expected 1..10000 (keys hold 4 digits), got {self.web_shard_size}")
+        pair("image_size", 32)           # ingest's default min_size is 32
+        pair("object_size", 8)
+        pair("objects_per_image", 1)
+        if self.object_size[0] > 0.7 * self.image_size[0]:
+            raise ValueError(f"object_size: min {self.object_size[0]} must fit in 0.7 x the smallest "
+                             f"image side ({self.image_size[0]})")
+        if self.objects_per_image[1] > len(self.colours):
+            raise ValueError("objects_per_image: max must not exceed the number of colours "
+                             "(objects of one image are distinct (class, colour) pairs)")
+        if self.rare_in_grounding * len(self.rare_classes) > self.grounding_images:
+            raise ValueError(f"rare_in_grounding: {self.rare_in_grounding} x {len(self.rare_classes)} rare "
+                             f"classes needs that many grounding images, only {self.grounding_images}")
+        for name in ("max_overlap", "eval_rare_fraction", "web_rare_fraction", "web_unmentioned_prob",
+                     "web_colour_prob", "scene_phrase_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"jpeg_quality: expected 1..95, got {self.jpeg_quality}")
+
+    @property
+    def classes(self) -> list[str]:
+        """All classes; category id = position + 1 (common first, then rare)."""
+        return self.common_classes + self.rare_classes
+
+
+# ------------------------------------------------------------------------------- captions
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _phrase(rng: random.Random, obj: WorldObject, side: int, name_colour: bool) -> str:
+    words = []
+    rel = max(obj.bbox[2], obj.bbox[3]) / side
+    if rel < 0.22 and rng.random() < 0.5:
+        words.append(rng.choice(("small", "tiny", "little")))
+    elif rel > 0.45 and rng.random() < 0.5:
+        words.append(rng.choice(("big", "large")))
+    if obj.fill != "solid" and rng.random() < 0.8:
+        words.append("striped" if obj.fill == "striped" else rng.choice(("dotted", "spotted")))
+    if name_colour:
+        words.append(obj.colour)
+    words.append(obj.name)
+    return f"{_article(words[0])} {' '.join(words)}"
+
+
+def _relation(rng: random.Random, a: WorldObject, b: WorldObject) -> str:
+    (ax, ay), (bx, by) = a.centre, b.centre
+    if abs(ay - by) > abs(ax - bx) + 8:
+        return "above" if ay < by else "below"
+    return rng.choice(("next to", "beside", "near"))
+
+
+def _caption(rng: random.Random, scene: Scene, cfg: WorldConfig, objects: list[WorldObject],
+             web: bool) -> tuple[str, list[list[int]]]:
+    """A sentence naming ``objects`` (in that order); returns it and each object's [start, end)."""
+    side = min(scene.width, scene.height)
+    texts = [_phrase(rng, o, side, not web or rng.random() < cfg.web_colour_prob) for o in objects]
+    parts: list[Any] = []                # str, or int: the index of an object phrase
+    n = len(objects)
+    kind = rng.randrange(3)
+    if n == 1:
+        if kind == 2 and rng.random() >= cfg.scene_phrase_prob:     # "a drawing": a boxless phrase
+            kind = 0
+        parts = [[0], ["there is ", 0], ["a drawing of ", 0]][kind]
+    elif n == 2 or kind == 0:
+        parts = [0, f" {_relation(rng, objects[0], objects[1])} ", 1]
+        rest = list(range(2, n))
+        if rest:
+            parts.append(", with ")
+            for j, r in enumerate(rest):
+                parts += ([" and "] if j else []) + [r]
+            parts.append(" nearby")
+    else:
+        for j in range(n):
+            parts += ([", " if j < n - 1 else " and "] if j else []) + [j]
+    if rng.random() < 0.65:
+        noun = rng.choice(("wall", "floor", "curtain")) if rng.random() < cfg.scene_phrase_prob else "background"
+        prep = "in front of" if noun in ("wall", "curtain") else "on"
+        parts.append(f" {prep} {_article(scene.background)} {scene.background} {noun}")
+    caption, spans = "", [[0, 0] for _ in objects]
+    for part in parts:
+        if isinstance(part, int):
+            spans[part] = [len(caption), len(caption) + len(texts[part])]
+            caption += texts[part]
+        else:
+            caption += part
+    if rng.random() < 0.5:
+        caption = caption[0].upper() + caption[1:] + "."
+    return caption, spans
+
+
+# ------------------------------------------------------------------------------- writing
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _json_bytes(obj: Any, indent: int | None = None) -> bytes:
+    return (json.dumps(obj, indent=indent, separators=(",", ": ") if indent else (",", ":"),
+                       ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+        len(data), 0, 0o644, 0, 0, "", "")
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _Split:
+    """Draws a split's scenes, writes its images, collects COCO/MDETR entries and counts."""
+
+    def __init__(self, cfg: WorldConfig, root: Path, name: str) -> None:
+        self.cfg, self.name, self.root = cfg, name, root
+        self.cat_id = {c: i + 1 for i, c in enumerate(cfg.classes)}
+        self.images: list[dict] = []
+        self.coco: list[dict] = []
+        self.mdetr_images: list[dict] = []
+        self.mdetr: list[dict] = []
+        self.instances: Counter = Counter()
+        self.image_counts: Counter = Counter()
+        self.digest = hashlib.sha256()
+
+    def scene(self, index: int, pick: Callable[[random.Random, int], str], forced: list[str]) -> Scene:
+        rng, cfg = random.Random(f"world-{self.cfg.seed}-{self.name}-{index}"), self.cfg
+        scene = draw_scene(rng, image_size=cfg.image_size, object_size=cfg.object_size,
+                           objects_per_image=cfg.objects_per_image, colours=cfg.colours,
+                           max_overlap=cfg.max_overlap, clutter=cfg.clutter, jpeg_quality=cfg.jpeg_quality,
+                           pick_class=pick, forced=forced)
+        self.instances.update(o.name for o in scene.objects)
+        self.image_counts.update({o.name for o in scene.objects})
+        return scene
+
+    def add_image(self, index: int, scene: Scene, caption_rng: random.Random | None) -> None:
+        file_name = f"{index:06d}.jpg"
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        (self.root / "images" / file_name).write_bytes(scene.jpeg)
+        self.digest.update(f"{file_name} {_sha256(scene.jpeg)}\n".encode())
+        iid = index + 1
+        entry = {"id": iid, "file_name": file_name, "width": scene.width, "height": scene.height}
+        self.images.append(entry)
+        for o in scene.objects:
+            self.coco.append({"id": len(self.coco) + 1, "image_id": iid, "category_id": self.cat_id[o.name],
+                              "bbox": list(o.bbox), "area": o.bbox[2] * o.bbox[3], "iscrowd": 0})
+        if caption_rng is None:
+            return
+        order = list(range(len(scene.objects)))
+        caption_rng.shuffle(order)
+        caption, spans = _caption(caption_rng, scene, self.cfg, [scene.objects[k] for k in order], web=False)
+        self.mdetr_images.append({**entry, "caption": caption, "dataset_name": f"world_{self.name}",
+                                  "original_img_id": iid, "sentence_id": 0,
+                                  "tokens_positive_eval": [[s] for s in sorted(spans)]})
+        for k, span in zip(order, spans):
+            o = scene.objects[k]
+            self.mdetr.append({"id": len(self.mdetr) + 1, "image_id": iid, "category_id": self.cat_id[o.name],
+                               "bbox": list(o.bbox), "area": o.bbox[2] * o.bbox[3], "iscrowd": 0,
+                               "tokens_positive": [span], "phrase": caption[span[0]:span[1]]})
+
+    def counts(self, names: list[str]) -> dict:
+        return {"images": len(self.images), "boxes": sum(self.instances.values()),
+                "per_class": {c: {"instances": self.instances[c], "images": self.image_counts[c]}
+                              for c in names}}
+
+
+def _picker(names: list[str], rare: list[str], rare_fraction: float) -> Callable[[random.Random, int], str]:
+    def pick(rng: random.Random, _: int) -> str:
+        if rare and rng.random() < rare_fraction:
+            return rng.choice(rare)
+        return rng.choice(names)
+    return pick
+
+
+def _categories(cfg: WorldConfig, names: list[str], frequency: dict[str, str] | None) -> list[dict]:
+    out = []
+    for i, c in enumerate(cfg.classes):
+        if c in names:
+            cat = {"id": i + 1, "name": c, "supercategory": "shape"}
+            if frequency is not None:
+                cat["frequency"] = frequency[c]
+            out.append(cat)
+    return out
+
+
+def _build(root: Path, cfg: WorldConfig) -> dict:
+    files: dict[str, str] = {}
+
+    def write(rel: str, data: bytes) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files[rel] = _sha256(data)
+
+    common = _picker(cfg.common_classes, [], 0.0)
+    info = {"description": "glip-selftrain miniature world", "format": FORMAT, "seed": cfg.seed}
+
+    det = _Split(cfg, root / "detection", "detection")
+    for i in range(cfg.detection_images):
+        det.add_image(i, det.scene(i, common, []), None)
+    write("detection/annotations.json", _json_bytes({
+        "info": {**info, "split": "detection"}, "images": det.images, "annotations": det.coco,
+        "categories": _categories(cfg, cfg.common_classes, None)}))
+
+    gro = _Split(cfg, root / "grounding", "grounding")
+    plan = random.Random(f"world-{cfg.seed}-grounding-plan")
+    slots = plan.sample(range(cfg.grounding_images), cfg.rare_in_grounding * len(cfg.rare_classes))
+    forced = {slot: [cfg.rare_classes[j // cfg.rare_in_grounding]] for j, slot in enumerate(slots)}
+    for i in range(cfg.grounding_images):
+        gro.add_image(i, gro.scene(i, common, forced.get(i, [])), random.Random(f"world-{cfg.seed}-gcap-{i}"))
+    write("grounding/annotations.json", _json_bytes({
+        "info": {**info, "split": "grounding"}, "images": gro.mdetr_images, "annotations": gro.mdetr,
+        "categories": _categories(cfg, cfg.classes, None)}))
+
+    training = det.image_counts + gro.image_counts
+    frequency = {c: "r" if c in cfg.rare_classes else ("f" if training[c] > _LVIS_FREQUENT else "c")
+                 for c in cfg.classes}
+    ev = _Split(cfg, root / "eval", "eval")
+    pick_eval = _picker(cfg.common_classes, cfg.rare_classes, cfg.eval_rare_fraction)
+    for i in range(cfg.eval_images):
+        ev.add_image(i, ev.scene(i, pick_eval, []), random.Random(f"world-{cfg.seed}-ecap-{i}"))
+    write("eval/annotations.json", _json_bytes({
+        "info": {**info, "split": "eval"}, "images": ev.images, "annotations": ev.coco,
+        "categories": _categories(cfg, cfg.classes, frequency)}))
+    write("eval/grounding.json", _json_bytes({
+        "info": {**info, "split": "eval"}, "images": ev.mdetr_images, "annotations": ev.mdetr,
+        "categories": _categories(cfg, cfg.classes, None)}))
+
+    web = _Split(cfg, root / "web", "web")
+    pick_web = _picker(cfg.common_classes, cfg.rare_classes, cfg.web_rare_fraction)
+    truth, mentioned = [], Counter()
+    n_shards = math.ceil(cfg.web_images / cfg.web_shard_size)
+    for s in range(n_shards):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(s * cfg.web_shard_size, min(cfg.web_images, (s + 1) * cfg.web_shard_size)):
+                scene = web.scene(i, pick_web, [])
+                rng = random.Random(f"world-{cfg.seed}-wcap-{i}")
+                order = list(range(len(scene.objects)))
+                rng.shuffle(order)
+                said = [k for j, k in enumerate(order) if j == 0 or rng.random() >= cfg.web_unmentioned_prob]
+                caption, spans = _caption(rng, scene, cfg, [scene.objects[k] for k in said], web=True)
+                span_of = dict(zip(said, spans))
+                key = f"{s:05d}{i - s * cfg.web_shard_size:04d}"
+                meta = {"url": f"https://web.world.invalid/{key}.jpg", "key": key, "status": "success",
+                        "error_message": None, "caption": caption, "width": scene.width,
+                        "height": scene.height, "original_width": scene.width,
+                        "original_height": scene.height, "exif": None, "sha256": _sha256(scene.jpeg)}
+                _tar_member(tar, f"{key}.jpg", scene.jpeg)
+                _tar_member(tar, f"{key}.txt", caption.encode("utf-8"))
+                _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+                mentioned.update(scene.objects[k].name for k in said)
+                truth.append({"shard": f"{s:05d}", "key": key, "caption": caption, "width": scene.width,
+                              "height": scene.height, "objects": [
+                                  {"name": o.name, "category_id": web.cat_id[o.name], "colour": o.colour,
+                                   "fill": o.fill, "bbox": list(o.bbox), "mentioned": k in span_of,
+                                   "span": span_of.get(k)} for k, o in enumerate(scene.objects)]})
+        write(f"web/{s:05d}.tar", buf.getvalue())
+    write("web_truth.json", _json_bytes({
+        "note": "true boxes of the web images, for analysis only; the pipeline never reads this",
+        "box_convention": BOX_CONVENTION, "categories": _categories(cfg, cfg.classes, frequency),
+        "samples": truth}))
+
+    web_counts = {"images": cfg.web_images, "shards": n_shards, "objects": sum(web.instances.values()),
+                  "mentioned_objects": sum(mentioned.values()),
+                  "per_class": {c: {"instances": web.instances[c], "images": web.image_counts[c],
+                                    "mentioned": mentioned[c]} for c in cfg.classes}}
+    gro_counts = gro.counts(cfg.classes)
+    gro_counts["phrases"] = len(gro.mdetr)
+    return {
+        "format": FORMAT, "seed": cfg.seed, "config": typed_config.to_dict(cfg),
+        "box_convention": BOX_CONVENTION,
+        "classes": {"common": list(cfg.common_classes), "rare": list(cfg.rare_classes),
+                    "category_ids": {c: i + 1 for i, c in enumerate(cfg.classes)}, "frequency": frequency},
+        "splits": {"detection": det.counts(cfg.common_classes), "grounding": gro_counts,
+                   "eval": ev.counts(cfg.classes), "web": web_counts},
+        "files": files,
+        "image_folders": {f"{s.name}/images": s.digest.hexdigest() for s in (det, gro, ev)},
+    }
+
+
+# ------------------------------------------------------------------------------- manifest
+@dataclass
+class WorldManifest:
+    """A built world: its folder and ``world.json`` (``data``)."""
+    root: Path
+    data: dict
+    build_seconds: float | None = None   # set by build_world; not written (world.json is deterministic)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def config(self) -> WorldConfig:
+        return typed_config.from_dict(WorldConfig, self.data["config"], source=str(self.root / "world.json"))
+
+    @property
+    def detection_annotations(self) -> Path:
+        return self.root / "detection" / "annotations.json"
+
+    @property
+    def grounding_annotations(self) -> Path:
+        return self.root / "grounding" / "annotations.json"
+
+    @property
+    def eval_annotations(self) -> Path:
+        return self.root / "eval" / "annotations.json"
+
+    @property
+    def eval_grounding(self) -> Path:
+        return self.root / "eval" / "grounding.json"
+
+    def images(self, split: str) -> Path:
+        return self.root / split / "images"
+
+    @property
+    def web_shards(self) -> list[Path]:
+        return [self.root / rel for rel in sorted(self.data["files"]) if rel.startswith("web/")]
+
+    @property
+    def counts(self) -> dict:
+        return self.data["splits"]
+
+    def verify(self) -> list[str]:
+        """The files whose bytes differ from the manifest (empty: the world is intact)."""
+        bad = [rel for rel, digest in self.data["files"].items()
+               if not (self.root / rel).is_file() or _sha256((self.root / rel).read_bytes()) != digest]
+        for rel, digest in self.data["image_folders"].items():
+            h = hashlib.sha256()
+            folder = self.root / rel
+            for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+                h.update(f"{name} {_sha256((folder / name).read_bytes())}\n".encode())
+            if h.hexdigest() != digest:
+                bad.append(rel)
+        return bad
+
+
+def load_world(root: str | Path) -> WorldManifest:
+    root = Path(root)
+    data = json.loads((root / "world.json").read_text(encoding="utf-8"))
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{root / 'world.json'}: format {data.get('format')!r} is not {FORMAT!r}; rebuild it")
+    return WorldManifest(root=root, data=data)
+
+
+def build_world(out_dir: str | Path, cfg: WorldConfig, overwrite: bool = False) -> WorldManifest:
+    """Draw and write the world under ``out_dir`` (see the module docstring).
+
+    The world is built in a sibling temporary folder and renamed into place, so ``out_dir`` is
+    either a complete world or untouched. An existing ``out_dir`` is replaced only with
+    ``overwrite`` and only when it is empty or holds a world (``world.json``).
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass overwrite=True to rebuild the world there")
+        if not (out / "world.json").is_file():
+            raise FileExistsError(f"{out} holds files but no world.json; not deleting it, choose another folder")
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        data = _build(tmp, cfg)
+        (tmp / "world.json").write_bytes(_json_bytes(data, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WorldManifest(root=out, data=data, build_seconds=time.perf_counter() - start)
+
+
+def ensure_world(out_dir: str | Path, cfg: WorldConfig) -> tuple[WorldManifest, bool]:
+    """The world of ``cfg`` at ``out_dir``: reused when its config and bytes match, else (re)built.
+
+    Returns ``(manifest, built)``.
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    if (out / "world.json").is_file():
+        try:
+            world = load_world(out)
+        except (ValueError, OSError):
+            world = None
+        if world is not None and world.data.get("config") == typed_config.to_dict(cfg) and not world.verify():
+            return world, False
+    return build_world(out, cfg, overwrite=True), True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+        print("usage: python -m stages.world CONFIG.yaml OUT_DIR [key=value ...]\n"
+              "Builds the miniature world of CONFIG (configs/world/*.yaml) in OUT_DIR (replacing a world there).")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    cfg = typed_config.load(WorldConfig, argv[0], argv[2:])
+    world = build_world(argv[1], cfg, overwrite=True)
+    for split, c in world.counts.items():
+        print(f"{split:10s} images {c['images']:5d}  " + "  ".join(
+            f"{k} {v['instances']}" for k, v in c["per_class"].items()))
+    print(f"built {world.root} in {world.build_seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
