@@ -26,7 +26,9 @@ Losses, for a batch of B images, N anchors, T tokens:
   l,t,r,b measured from the anchor centre to the box sides, summed, / ``num_pos_avg``.
 
 Everything is computed in float32 with autocast disabled, whatever precision the network ran in.
-With no positive anchor the two box losses are 0 (still attached to the graph).
+With no positive anchor the two box losses are 0 (still attached to the graph). The official
+GIoU loss falls back to an unweighted sum when the centerness weights sum to 0; positives always
+have centerness > 0 (their centre is inside the box by > 0.01), so that branch is not kept.
 """
 from __future__ import annotations
 
@@ -182,7 +184,7 @@ class GLIPCriterion(nn.Module):
         # token loss over every (anchor, real token) pair
         tok_targets = token_targets(maps, matched, self.noobj_num_tokens)           # [B, N, T]
         focal = sigmoid_focal_loss(logits, tok_targets, self.alpha, self.gamma)
-        real = (text_mask > 0)[:, None, :]
+        real = (text_mask.to(device) > 0)[:, None, :]
         loss_token = torch.where(real, focal, torch.zeros_like(focal)).sum() / num_pos_avg
 
         # box losses over the positive anchors

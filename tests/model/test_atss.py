@@ -67,7 +67,8 @@ def test_official_pyramid_positives_are_the_3x3_block_on_p3():
     # Candidates by level and their legacy IoUs, by hand: P3 centre 1, 4 side neighbours
     # (56x64 overlap) 3584/4608 = 7/9, 4 diagonals 3136/5056 = 49/79; the 9 nearest P4, P5, P6
     # anchors and the single P7 anchor contain the box: 4096 / 128^2, / 256^2, / 512^2, / 1024^2.
-    ious = torch.tensor([1.0] + [7 / 9] * 4 + [49 / 79] * 4 + [1 / 4] * 9 + [1 / 16] * 9 + [1 / 64] * 4 + [1 / 256])
+    ious = torch.tensor([1.0] + [7 / 9] * 4 + [49 / 79] * 4
+                        + [1 / 4] * 9 + [1 / 16] * 9 + [1 / 64] * 4 + [1 / 256])
     threshold = ious.mean() + ious.std()
     assert 0.25 < threshold < 49 / 79          # ~0.594: the whole 3x3 block, nothing else
     matched = atss_assign_single(anchors, gt)
@@ -149,8 +150,11 @@ def test_batched_assignment_equals_per_image_and_reference(seed):
 def test_padding_boxes_are_never_matched():
     anchors = pyramid(128, 128)
     gt = torch.tensor([[28.0, 28, 91, 91]])
-    boxes = torch.stack([torch.cat([gt, gt]), torch.cat([gt, gt])])   # the padding copies box 0
+    other = torch.tensor([[60.0, 4, 123, 67]])       # a real-looking box in the padding slot
+    boxes = torch.stack([torch.cat([gt, other]), torch.cat([other, gt])])
     valid = torch.tensor([[True, False], [True, False]])
     matched = atss_assign(anchors, boxes, valid)
     assert torch.equal(matched[0], atss_assign_single(anchors, gt))
+    assert torch.equal(matched[1], atss_assign_single(anchors, other))
     assert (matched <= 0).all()
+    assert (atss_assign(anchors, boxes) == 1).any()  # the same slots, valid: they do take anchors
