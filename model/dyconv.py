@@ -130,7 +130,9 @@ class DyConv(nn.Module):
         out = []
         for level, x in enumerate(visual):
             offset_mask = self.offset(x)
-            offset = offset_mask[:, :2 * KERNEL_TAPS]
+            # torchvision's CPU deform_conv2d crashes the process on NaN offsets: keep a diverged
+            # step a NaN loss (caught by the trainer) instead of a segfault
+            offset = offset_mask[:, :2 * KERNEL_TAPS].nan_to_num()
             mask = offset_mask[:, 2 * KERNEL_TAPS:].sigmoid()
             branches = [self.convs[1](x, offset, mask)]
             if level > 0:

@@ -128,3 +128,19 @@ def export(output: str, out: str, fmt: str, min_score: float | None = None,
     from stages.export import export_shards
     return export_shards(_output_shards(output, storage_options), out, format=fmt,
                          storage_options=storage_options, min_score=min_score)
+
+
+def train(config: str | os.PathLike | None = None, overrides: list[str] | None = None,
+          resume: bool = False) -> dict:
+    """Train a student (``configs/train/*.yaml`` + ``key=value`` overrides, or a TrainJobConfig);
+    ``resume`` continues the run in ``output`` from its newest checkpoint. Returns the summary."""
+    from pipeline.train import TrainJobConfig, load_train_job
+    from pipeline.train import train as _train
+
+    if isinstance(config, TrainJobConfig):
+        if overrides:
+            raise ValueError("overrides apply to a YAML config; edit the TrainJobConfig object instead")
+        cfg = config
+    else:
+        cfg = load_train_job(config, overrides)
+    return _train(cfg, resume=resume)

@@ -7,6 +7,7 @@
     pipeline predict IMAGE --checkpoint C (--classes A B ... | --caption TEXT) [--out PNG]
     pipeline show OUTPUT [--out DIR] [-n 24]  an HTML gallery of pseudo-labelled samples
     pipeline export OUTPUT --format odvg|mdetr --out DIR   for other grounding trainers
+    pipeline train CONFIG [key=value ...] [--resume]   the student trainer (Ray Train)
 """
 from __future__ import annotations
 
@@ -87,6 +88,19 @@ def _cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from pipeline import api
+    from pipeline.train import TrainError, format_train_summary
+    config, overrides = _split_config(ns.args)
+    try:
+        summary = api.train(config, overrides, resume=ns.resume)
+    except TrainError as exc:
+        print(f"pipeline train: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_train_summary(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="glip-selftrain: GLIP and its self-training data engine.")
@@ -149,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="export folder (annotations + images/)")
     p.add_argument("--min-score", type=float, default=None, help="drop boxes below this score")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("train", help="train a GLIP student on a weighted mixture of sources (Ray Train)",
+                       description="Train with configs/train/*.yaml (model, init, data.sources, solver, output, "
+                       "ray). Any key can be overridden as key=value, e.g. output=out/t1 max_iter=100 "
+                       "ray.num_workers=2 data.sources.o365.annotations=/data/o365.json. Checkpoints go to "
+                       "OUTPUT/checkpoints, metrics to OUTPUT/metrics.jsonl and OUTPUT/tensorboard, the "
+                       "trained model to OUTPUT/model (and OUTPUT/model_ema).")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTPUT from its newest checkpoint (same step, lr and data position)")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

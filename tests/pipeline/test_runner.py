@@ -36,6 +36,25 @@ def _output_files(out: Path):
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), so Ray's own processes are killed too."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 @pytest.fixture(scope="module")
 def web_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
@@ -167,8 +186,6 @@ def test_stats_command_prints_totals_and_writes_plots(first_run, tmp_path):
 
 def test_sigkill_while_writing_then_rerun_equals_uninterrupted_run(web_shards, first_run, tmp_path):
     """Kill the whole process tree (driver + Ray) once a shard is committed, then rerun."""
-    import psutil
-
     root, _ = web_shards
     reference, _ = first_run
     out = tmp_path / "killed"
@@ -190,7 +207,7 @@ def test_sigkill_while_writing_then_rerun_equals_uninterrupted_run(web_shards, f
                 break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    tree = [proc.pid] + _descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in tree:
         try:

@@ -1,0 +1,597 @@
+"""The student trainer, plain PyTorch (no Ray): config, the official solver, one step, the loop.
+
+The solver follows the official GLIP (shared/reference/glip_spec.md §1, "Solver details"):
+
+- AdamW (default betas/eps). ``param_groups``: every trainable tensor gets ``lr``; tensors of the
+  text encoder (``language.*``, the official ``language_backbone``) get ``lang_lr``; any tensor
+  with "bias" in its name (also ``head.bias_lang`` and ``head.bias0``, as officially) gets x
+  ``bias_lr_factor`` (2) and ``bias_weight_decay`` (0). Frozen tensors are left out. Tensors
+  with equal (lr, weight decay) share a group (the official makes one group per tensor: same
+  updates, but fused AdamW is much faster with few groups).
+- ``lr_factor``: WarmupMultiStepLR, linear warmup ``warmup_factor * (1 - a) + a`` with
+  ``a = step / warmup_iters``, then x ``gamma`` at ``round(f * max_iter)`` for each ``f`` in
+  ``steps``; ``step`` counts the optimizer updates done before this one (the first uses
+  ``warmup_factor``).
+- ``train_step``: batches where more than ``max_empty_fraction`` of the images (or all) have no
+  box are skipped (official MAX_NEG_PER_BATCH); forward under autocast (``precision``), the
+  criterion in float32, a non-finite total loss skips the update on every worker (the official
+  zeroes NaN/Inf loss entries instead; with DDP a partial graph would stall the gradient
+  all-reduce, so the whole step goes), GradScaler for fp16, full-model L2 clipping after
+  unscaling, AdamW step, EMA update (official ModelEma: ``ema = d * ema + (1 - d) * model`` on
+  every float entry of the state dict, integer buffers copied).
+- ``fit``: the loop of one worker. Checkpoints every ``checkpoint_every`` steps and at the end
+  (``stages.train_state``: model, optimizer, step, scaler, EMA, every worker's data position and
+  RNG states); ``resume=True`` continues from the newest one exactly: same step, learning rate,
+  data position and random streams. Rank 0 writes checkpoints, metrics and the final model
+  (``OUTPUT/model``, and ``OUTPUT/model_ema`` with EMA: ``save_pretrained`` folders that
+  ``pipeline eval`` / ``predict`` / the teacher stage load).
+
+The distributed parts go through ``torch.distributed`` when it is initialised (Ray Train sets it
+up; ``pipeline/train.py``), so the same ``fit`` runs in-process with one worker.
+"""
+from __future__ import annotations
+
+import bisect
+import copy
+import enum
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model import typed_config
+from model.config import CheckpointFormat
+from stages.train_data import BatchPrefetcher, TrainDataConfig, TrainStream
+from stages.train_state import CheckpointStore, MetricsLog, rng_state, set_rng_state, write_json
+
+__all__ = ["InitKind", "Precision", "EvalWeights", "EvalHookConfig", "TrainConfig", "load_train_config",
+           "model_config", "public_config", "resume_config", "check_resumable", "build_model", "param_groups",
+           "milestones", "lr_factor", "make_optimizer", "ModelEma", "StepStatus", "StepResult", "train_step",
+           "WorkerContext", "fit"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+class InitKind(str, enum.Enum):
+    SCRATCH = "scratch"                    # every weight random
+    PRETRAINED_PARTS = "pretrained_parts"  # the backbone / text encoder weights the model config names
+    CHECKPOINT = "checkpoint"              # a whole GLIP: ours (save_pretrained folder) or an official .pth
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"        # autocast bfloat16, no loss scaling
+    FP16 = "fp16"        # autocast float16 + GradScaler (the official USE_AMP; GPUs)
+
+
+class EvalWeights(str, enum.Enum):
+    EMA = "ema"          # the EMA weights (the model's when ema_decay is 0)
+    MODEL = "model"
+
+
+@dataclass
+class EvalHookConfig:
+    every: int = 0                                        # steps between evaluations; 0 = off
+    configs: list[str] = field(default_factory=list)      # `pipeline eval` YAMLs (checkpoint/output set here)
+    overrides: list[str] = field(default_factory=list)    # applied to every eval config
+    weights: EvalWeights = EvalWeights.EMA
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.every and not self.configs:
+            raise ValueError("eval.every is set but eval.configs is empty: list `pipeline eval` YAML files")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"                     # model config: tiny | glip_t | glip_l | a YAML path
+    model_overrides: list[str] = field(default_factory=list)
+    init: InitKind = InitKind.PRETRAINED_PARTS
+    init_checkpoint: str = ""               # init=checkpoint: a folder of ours or an official .pth (path/URL)
+    init_checkpoint_format: CheckpointFormat = CheckpointFormat.AUTO
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    batch_size: int = 64                    # global (official IMS_PER_BATCH), split evenly over workers
+    max_iter: int = 1000
+    lr: float = 1e-4                        # BASE_LR
+    lang_lr: float = 1e-5                   # LANG_LR (language.* tensors)
+    weight_decay: float = 1e-4
+    bias_lr_factor: float = 2.0             # BIAS_LR_FACTOR
+    bias_weight_decay: float = 0.0          # WEIGHT_DECAY_BIAS
+    warmup_iters: int = 2000
+    warmup_factor: float = 0.001
+    steps: tuple[float, ...] = (0.67, 0.89)  # fractions of max_iter where the lr is multiplied by gamma
+    gamma: float = 0.1
+    clip_grad: float = 1.0                  # full-model L2 norm; 0 = no clipping
+    precision: Precision = Precision.FP32   # the official GLIP-T trains fp16 (USE_AMP) on GPUs
+    ema_decay: float = 0.999                # MODEL_EMA; 0 = no EMA
+    gradient_checkpointing: bool = False    # recompute the head's blocks in backward (less memory)
+    max_empty_fraction: float = 0.1         # MAX_NEG_PER_BATCH: skip batches with more images without boxes
+    output: str = ""                        # run folder (local or fsspec URL)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2               # newest checkpoints kept; 0 = all
+    log_every: int = 20
+    seed: int = 0
+    eval: EvalHookConfig = field(default_factory=EvalHookConfig)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.output:
+            raise ValueError("output is empty: give the run folder, e.g. output=out/train1")
+        if self.init is InitKind.CHECKPOINT and not self.init_checkpoint:
+            raise ValueError("init=checkpoint needs init_checkpoint (a save_pretrained folder or an official .pth)")
+        if self.init is not InitKind.CHECKPOINT and self.init_checkpoint:
+            raise ValueError(f"init_checkpoint is set but init is {self.init.value!r}; set init=checkpoint")
+        for key in ("batch_size", "max_iter", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "lang_lr", "weight_decay", "bias_lr_factor", "bias_weight_decay", "clip_grad"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{key} must be a finite number >= 0, got {value}")
+        if self.warmup_iters < 0 or not 0 < self.warmup_factor <= 1:
+            raise ValueError("warmup_iters must be >= 0 and warmup_factor in (0, 1]")
+        if any(not 0 < f <= 1 for f in self.steps) or list(self.steps) != sorted(self.steps):
+            raise ValueError(f"steps must be increasing fractions of max_iter in (0, 1], got {list(self.steps)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if not 0 <= self.max_empty_fraction <= 1:
+            raise ValueError(f"max_empty_fraction must be in [0, 1], got {self.max_empty_fraction}")
+        if self.keep_checkpoints < 0:
+            raise ValueError("keep_checkpoints must be >= 0 (0 keeps all)")
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None, cls: type = TrainConfig):
+    """YAML file (optional) + ``key=value`` overrides -> a validated config of ``cls``."""
+    return typed_config.load(cls, path, overrides)
+
+
+def model_config(cfg: TrainConfig):
+    from model.config import load_model_config
+    overrides = list(cfg.model_overrides)
+    if cfg.gradient_checkpointing:
+        overrides.append("head.gradient_checkpointing=true")
+    return load_model_config(cfg.model, overrides)
+
+
+def build_model(cfg: TrainConfig, load_weights: bool = True):
+    """The student as ``init`` says (``load_weights=False``: architecture only, e.g. for a resume)."""
+    from model.checkpoint import load_into
+    from model.glip import build_glip
+
+    mcfg = model_config(cfg)
+    if not load_weights or cfg.init is InitKind.SCRATCH:
+        return build_glip(mcfg, load_weights=False)
+    if cfg.init is InitKind.PRETRAINED_PARTS:
+        return build_glip(mcfg, load_weights=True)
+    from model.load import load_glip
+    source, _ = load_glip(cfg.init_checkpoint, cfg.init_checkpoint_format, model=cfg.model,
+                          overrides=cfg.model_overrides)
+    model = build_glip(mcfg, load_weights=False)
+    load_into(model, source.state_dict(), strict=True)
+    return model
+
+
+# ------------------------------------------------------------------------------------ solver
+_GROUP_ORDER = ("base", "base_bias", "language", "language_bias")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups by the official rules; each group also lists its tensors' ``names``."""
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = name.removeprefix("module.")
+        language = name.startswith("language.")
+        bias = "bias" in name
+        lr = cfg.lang_lr if language else cfg.lr
+        wd = cfg.weight_decay
+        if bias:
+            lr, wd = lr * cfg.bias_lr_factor, cfg.bias_weight_decay
+        key = ("language" if language else "base") + ("_bias" if bias else "")
+        group = groups.setdefault(key, {"group": key, "params": [], "names": [], "lr": lr, "base_lr": lr,
+                                        "weight_decay": wd})
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in _GROUP_ORDER if k in groups]
+
+
+def milestones(cfg: TrainConfig) -> list[int]:
+    return [round(f * cfg.max_iter) for f in cfg.steps]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The multiplier of every group's base lr for the update after ``step`` updates."""
+    warmup = 1.0
+    if step < cfg.warmup_iters:
+        alpha = step / cfg.warmup_iters
+        warmup = cfg.warmup_factor * (1 - alpha) + alpha
+    return warmup * cfg.gamma ** bisect.bisect_right(milestones(cfg), step)
+
+
+def make_optimizer(groups: list[dict]) -> torch.optim.AdamW:
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, fused=fused)
+
+
+class ModelEma:
+    """Exponential moving average of a model's state dict (official ``ModelEma``)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        for key, ema in self.state.items():
+            value = current[key].detach()
+            if ema.is_floating_point():
+                ema.lerp_(value.to(ema.dtype), 1.0 - self.decay)
+            else:
+                ema.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "state": {k: v.cpu() for k, v in self.state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state["state"].items():
+            self.state[key].copy_(value)
+
+
+# ------------------------------------------------------------------------------------ one step
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _agree(flag: bool, device: torch.device, op) -> bool:
+    """A flag agreed on by every worker (op MAX: any, MIN: all)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=op)
+    return bool(t.item() > 0.5)
+
+
+class StepStatus(str, enum.Enum):
+    OK = "ok"
+    SKIPPED_EMPTY = "skipped_empty"          # too many images without boxes (on some worker)
+    SKIPPED_NONFINITE = "skipped_nonfinite"  # NaN/Inf loss (on some worker): no update
+
+
+@dataclass
+class StepResult:
+    status: StepStatus
+    losses: dict[str, float] = field(default_factory=dict)
+    loss: float = float("nan")
+    grad_norm: float = float("nan")
+    lr: float = float("nan")
+    images: int = 0
+    overflow: bool = False        # fp16: inf/NaN gradients, GradScaler skipped the update (step counts)
+
+
+def _autocast(device: torch.device, precision: Precision):
+    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(model: nn.Module, criterion, optimizer: torch.optim.Optimizer, batch: dict, *, step: int,
+               cfg: TrainConfig, device: torch.device, scaler=None, ema: ModelEma | None = None,
+               ema_source: nn.Module | None = None) -> StepResult:
+    """One update of ``model`` (maybe DDP-wrapped) on ``batch`` (``TrainStream`` output); ``step``
+    is the number of updates done so far (sets the lr). ``ema_source`` is the unwrapped model."""
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "positive_map")}
+               for t in batch["targets"]]
+    n = len(targets)
+    empty = sum(int(t["boxes"].shape[0] == 0) for t in targets)
+    if _agree(empty == n or empty > cfg.max_empty_fraction * n, device, dist.ReduceOp.MAX):
+        return StepResult(StepStatus.SKIPPED_EMPTY, images=n)
+
+    factor = lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    images = batch["images"].to(device, non_blocking=True)
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    mask = batch["attention_mask"].to(device, non_blocking=True)
+    with _autocast(device, cfg.precision):
+        outputs = model(images, batch["image_sizes"], input_ids, mask)
+    losses = criterion(outputs, targets, mask)
+    total = criterion.total(losses)
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    optimizer.zero_grad(set_to_none=True)
+    if not _agree(bool(torch.isfinite(total.detach())), device, dist.ReduceOp.MIN):
+        return StepResult(StepStatus.SKIPPED_NONFINITE, values, float(total.detach()), images=n,
+                          lr=cfg.lr * factor)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+    overflow = False
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        overflow = scaler.get_scale() < scale
+    else:
+        optimizer.step()
+    if ema is not None:
+        ema.update(ema_source if ema_source is not None else model)
+    return StepResult(StepStatus.OK, values, float(total.detach()), float(grad_norm), cfg.lr * factor, n,
+                      overflow)
+
+
+# ------------------------------------------------------------------------------------ the loop
+@dataclass
+class WorkerContext:
+    """What the launcher tells ``fit``: who this worker is, and its hooks."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m      # e.g. ray.train.torch.prepare_model
+    on_log: Callable[[dict], None] | None = None                    # rank 0: every metrics record
+    eval_fn: Callable[[nn.Module, int], dict] | None = None         # rank 0: (model, step) -> metrics
+
+
+def _gather(obj: Any) -> list:
+    if not _distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _mean_over_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not _distributed() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def public_config(cfg: TrainConfig) -> dict:
+    """The config as plain values with every ``storage_options`` value redacted (they may hold
+    credentials; this is what goes into checkpoints and OUTPUT/train_config.json)."""
+    def redact(node):
+        if isinstance(node, dict):
+            return {k: ({kk: "<redacted>" for kk in v} if k == "storage_options" and isinstance(v, dict)
+                        else redact(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [redact(v) for v in node]
+        return node
+    return redact(typed_config.to_dict(cfg))
+
+
+RESUME_KEYS = ("batch_size", "seed", "data", "model")     # what a resume may not change
+_NO_EFFECT = ("data.prefetch_batches", "data.max_consecutive_skips")   # may change on a resume
+
+
+def resume_config(cfg: TrainConfig) -> dict:
+    """The part of the config a resumed run must share with its checkpoint (the data position
+    and the weights' meaning depend on it); stored in the checkpoint and in its pointer."""
+    public = public_config(cfg)
+    return {k: public[k] for k in RESUME_KEYS}
+
+
+def _differences(a: Any, b: Any, path: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]
+    if path in _NO_EFFECT or a == b:
+        return []
+    return [f"{path}: {a!r} in the checkpoint, {b!r} now"]
+
+
+def check_resumable(saved: dict, saved_world_size: int | None, cfg: TrainConfig, world_size: int) -> None:
+    """Raise ValueError naming what differs between a checkpoint's run and this one."""
+    if saved_world_size is not None and saved_world_size != world_size:
+        raise ValueError(f"the checkpoint was written by {saved_world_size} workers; resume with "
+                         f"ray.num_workers={saved_world_size} (each worker's data position is saved)")
+    now = resume_config(cfg)
+    diffs = _differences({k: saved[k] for k in RESUME_KEYS if k in saved},
+                         {k: now[k] for k in RESUME_KEYS if k in saved}, "")
+    if diffs:
+        raise ValueError("the run's config differs from the checkpoint's (" + "; ".join(diffs[:5])
+                         + "); resume with the run's config, or start a new output")
+
+
+def fit(cfg: TrainConfig, ctx: WorkerContext | None = None, resume: bool = False) -> dict:
+    """Train on this worker until ``max_iter``; returns the summary (rank 0 writes it too)."""
+    from model.checkpoint import save_pretrained
+    from model.criterion import GLIPCriterion
+
+    ctx = ctx or WorkerContext()
+    cfg.validate()
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} workers")
+    if cfg.eval.every and ctx.rank == 0 and ctx.eval_fn is None:
+        raise ValueError("eval.every is set but no evaluation hook was given (pipeline train provides one)")
+    lead = ctx.rank == 0
+    store = CheckpointStore(cfg.output, cfg.storage_options, keep=cfg.keep_checkpoints)
+    if lead:
+        store.remove_stale_temporaries()
+    state = store.load() if resume else None
+    if resume and state is None and lead:
+        log.warning("--resume: %s has no checkpoint yet; starting from step 0", cfg.output)
+
+    _seed_all(cfg.seed)                                   # same initial weights on every worker
+    model = build_model(cfg, load_weights=state is None).to(ctx.device)
+    criterion = GLIPCriterion(model.cfg.loss)
+    groups = param_groups(model, cfg)
+    optimizer = make_optimizer(groups)
+    scaler = torch.amp.GradScaler(ctx.device.type) if cfg.precision is Precision.FP16 else None
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step = 0
+    stream = TrainStream(cfg.data, model.cfg, model.tokenizer, cfg.batch_size // ctx.world_size,
+                         seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+    if state is not None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        check_resumable(state["config"], state["world_size"], cfg, ctx.world_size)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        step = int(state["step"])
+        stream.load_state_dict(state["data"][ctx.rank])
+    wrapped = ctx.wrap_model(model)
+    if state is not None:
+        set_rng_state(state["rng"][ctx.rank])
+    else:
+        _seed_all(cfg.seed * 1000 + ctx.rank)             # dropout / DropBlock differ per worker
+    counters = dict(state.get("counters", {})) if state is not None else {}
+    del state
+
+    metrics = MetricsLog(cfg.output, cfg.storage_options, resume_step=step if resume else None) if lead else None
+    if lead:
+        write_json(cfg.output, "train_config.json", public_config(cfg), cfg.storage_options)
+    batches = BatchPrefetcher(stream, cfg.data.prefetch_batches)
+    data_state = stream.state_dict()
+    window: dict[str, float] = {}
+    window_steps, window_images, window_start = 0, 0, time.time()
+    last = StepResult(StepStatus.OK)
+    last_loss = float("nan")                              # the workers' mean at the last log
+    model.train()
+    try:
+        while step < cfg.max_iter:
+            batch = next(batches)
+            data_state = batch["data_state"]
+            last = train_step(wrapped, criterion, optimizer, batch, step=step, cfg=cfg, device=ctx.device,
+                              scaler=scaler, ema=ema, ema_source=model)
+            if last.status is not StepStatus.OK:
+                counters[last.status.value] = counters.get(last.status.value, 0) + 1
+                if lead and counters[last.status.value] <= 10:
+                    log.warning("step %d: batch %s (%s)", step + 1, last.status.value, batch["keys"])
+                continue
+            step += 1
+            if last.overflow:
+                counters["fp16_overflow"] = counters.get("fp16_overflow", 0) + 1
+            for key, value in {"loss": last.loss, "grad_norm": last.grad_norm, **last.losses}.items():
+                window[key] = window.get(key, 0.0) + value
+            window_steps += 1
+            window_images += last.images
+            if step % cfg.log_every == 0 or step == cfg.max_iter:
+                means = _mean_over_workers({k: v / window_steps for k, v in window.items()}, ctx.device)
+                images = _mean_over_workers({"n": float(window_images)}, ctx.device)["n"] * ctx.world_size
+                keys = _gather(batch["keys"])
+                elapsed = time.time() - window_start
+                record = {"step": step, "lr": last.lr, "lang_lr": cfg.lang_lr * lr_factor(step - 1, cfg),
+                          **means, "img_per_s": images / max(elapsed, 1e-9), "keys": keys,
+                          **{k: v for k, v in counters.items()}}
+                last_loss = record["loss"]
+                if lead:
+                    metrics.write(record)
+                    if ctx.on_log is not None:
+                        ctx.on_log(record)
+                window, window_steps, window_images, window_start = {}, 0, 0, time.time()
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_iter:
+                _save(store, metrics, model, optimizer, scaler, ema, step, data_state, counters, cfg, ctx)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                _evaluate(model, ema, cfg, ctx, metrics, step)
+    finally:
+        batches.close()
+    summary = {"step": step, "output": cfg.output, "loss": last_loss, "counters": counters,
+               "checkpoint": store.latest() if lead else None}
+    if lead:
+        summary["model"] = _export(model.state_dict(), model, cfg, "model", save_pretrained)
+        if ema is not None:
+            summary["model_ema"] = _export(ema.state, model, cfg, "model_ema", save_pretrained)
+        write_json(cfg.output, "train_summary.json", summary, cfg.storage_options)
+        metrics.close()
+    return summary
+
+
+def _check_in_sync(model: nn.Module, step: int) -> None:
+    """Every worker must hold the same weights (DDP keeps them bit-identical); a launcher that did
+    not wrap the model for data parallelism would let them drift apart silently."""
+    with torch.no_grad():
+        checksum = sum(float(p.double().sum()) for p in model.parameters())
+    sums = _gather(checksum)
+    if len(set(sums)) > 1:
+        raise RuntimeError(f"step {step}: the workers' weights differ (parameter checksums {sums}); the model "
+                           "was not wrapped for data parallelism (WorkerContext.wrap_model)")
+
+
+def _save(store, metrics, model, optimizer, scaler, ema, step, data_state, counters, cfg, ctx) -> None:
+    """Collective: every worker sends its data position and RNG states; rank 0 writes."""
+    _check_in_sync(model, step)
+    data_states = _gather(data_state)
+    rngs = _gather(rng_state())
+    if ctx.rank == 0:
+        payload = {"version": CHECKPOINT_VERSION, "step": step, "world_size": ctx.world_size,
+                   "config": public_config(cfg),
+                   "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                   "ema": ema.state_dict() if ema else None, "data": data_states, "rng": rngs,
+                   "counters": dict(counters)}
+        store.save(step, payload, info={"world_size": ctx.world_size, "resume_config": resume_config(cfg)})
+        metrics.sync()
+    if _distributed():
+        dist.barrier()
+
+
+def _evaluate(model, ema, cfg, ctx, metrics, step) -> None:
+    """Rank 0 runs the hook on the EMA (or the model's) weights; the others wait. The EMA weights
+    are swapped in and out of the model (no deep copy: the data thread is using its tokenizer)."""
+    if ctx.rank == 0:
+        backup = None
+        if ema is not None and cfg.eval.weights is EvalWeights.EMA:
+            backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(ema.state)
+        model.eval()
+        try:
+            result = ctx.eval_fn(model, step)
+        finally:
+            if backup is not None:
+                model.load_state_dict(backup)
+            model.train()
+        record = {"step": step, "eval": result}
+        metrics.write(record)
+        metrics.sync()
+        if ctx.on_log is not None:
+            ctx.on_log(record)
+    if _distributed():
+        dist.barrier()
+
+
+def _export(state: dict, model, cfg: TrainConfig, name: str, save_pretrained) -> str:
+    """``state`` as a save_pretrained folder ``OUTPUT/name`` (through a local temporary for URLs)."""
+    import tempfile
+
+    from fsspec.core import url_to_fs
+
+    target = copy.deepcopy(model).cpu()
+    target.load_state_dict(state)
+    url = f"{cfg.output.rstrip('/')}/{name}"
+    fs, path = url_to_fs(url, **cfg.storage_options)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        save_pretrained(target, path)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(target, tmp)
+            fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+    return url

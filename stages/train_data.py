@@ -1,0 +1,397 @@
+"""The student's training stream: a seeded, streaming, weighted mixture of three kinds of source.
+
+Sources (``data.sources``: a mapping name -> ``TrainSourceConfig``, so one source's paths can be
+overridden as ``data.sources.NAME.annotations=...``):
+
+- ``coco``: COCO-format detection (Objects365, COCO, ...). Each image becomes a grounding
+  sample with a class-name prompt: positives shuffled, negatives drawn from the vocabulary
+  (``stages.prompt_sampling.detection_to_grounding``, official ``od_to_grounding``).
+- ``mdetr``: MDETR-format grounding (GoldG). The caption as it is; with ``pack_captions`` other
+  captions of the file (drawn at random) are packed around it as negatives.
+- ``pseudo``: output shards of the teacher DAG (``stages.write`` format). Boxes scoring
+  ``<= min_score`` are dropped (official FURTHER_SCREEN); an image left without a box is skipped
+  (CAPTION_MIN_BOX = 1). With ``pack_captions`` the negatives are the captions of the previous
+  ``pool_size`` records of the same stream (shards are read as streams, without random access).
+
+Nothing is materialised. A source is a factory ``epoch -> iterable of references``: for the
+JSON readers an index into the reader's compact in-memory index (the annotation file is read
+once; images are read one at a time), reshuffled per epoch with ``(seed, source, epoch)``; for
+shards a stream of (record, image bytes), shard order reshuffled per epoch. ``stages.mixture``
+interleaves the sources by weight, and ``worker_shard`` gives each worker a disjoint part:
+every ``world_size``-th reference of a JSON source; for shards whole shards when there are at
+least ``world_size`` of them, else every ``world_size``-th sample.
+
+A reference becomes a sample (image bytes read, prompt built, boxes screened) only when the
+mixture hands it out; the random choices of that sample (negatives, packing, resize, flip) come
+from ``default_rng([seed, rank, mixture step])``. So the data position is just the mixture's
+state (``TrainStream.state_dict``): a fresh stream that loads it yields exactly the batches an
+uninterrupted one would have. Samples that cannot be used (missing or undecodable image,
+pseudo labels all screened out) are skipped and counted by ``source:reason``.
+
+``TrainStream.next_batch()`` returns ``collate``'s batch plus ``keys`` (``source/key``),
+``sources`` and ``data_state`` (the position after this batch, what a checkpoint stores).
+``BatchPrefetcher`` builds the next batches in a background thread.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from model import typed_config
+from model.config import ModelConfig
+from stages.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
+from stages.prompt_sampling import (CaptionPackingConfig, DetectionPromptConfig, detection_to_grounding,
+                                    pack_negative_captions, screen_pseudo_labels)
+from stages.readers.common import BoxConvention
+from stages.schema import Phrase, Sample
+from stages.train_transforms import TrainTransform, TrainTransformConfig, collate
+
+__all__ = ["SourceKind", "TrainSourceConfig", "TrainDataConfig", "TrainStream", "BatchPrefetcher",
+           "expand_shards"]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class SourceKind(str, enum.Enum):
+    COCO = "coco"        # COCO-format detection JSON + image root: class-name prompts with negatives
+    MDETR = "mdetr"      # MDETR-format grounding JSON + image root(s): captions as they are
+    PSEUDO = "pseudo"    # output shards of the teacher DAG: boxes screened at min_score
+
+
+@dataclass
+class TrainSourceConfig:
+    kind: SourceKind = SourceKind.MDETR
+    weight: float = 1.0                      # relative; use copies x size to mimic official "copies"
+    annotations: str = ""                    # coco/mdetr: the JSON (path or fsspec URL)
+    image_root: str = ""                     # coco/mdetr: folder the file names are relative to
+    image_roots: dict[str, str] = field(default_factory=dict)   # mdetr: data_source -> folder
+    shards: list[str] = field(default_factory=list)            # pseudo: OUTPUT/*.tar (globs, braces)
+    min_score: float = 0.5                   # pseudo: keep boxes scoring > min_score
+    prompt: DetectionPromptConfig = field(default_factory=DetectionPromptConfig)   # coco
+    pack_captions: CaptionPackingConfig | None = None   # mdetr/pseudo: negative captions; null = off
+    pool_size: int = 64                      # pseudo: captions kept as the packing pool
+    box_convention: BoxConvention = BoxConvention.LEGACY
+    shuffle: bool = True                     # reshuffle every epoch (seeded)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.kind in (SourceKind.COCO, SourceKind.MDETR):
+            if not self.annotations:
+                raise ValueError(f"annotations is empty: a {self.kind.value} source needs its JSON file")
+            if not self.image_root and not self.image_roots:
+                raise ValueError(f"image_root is empty: a {self.kind.value} source needs its image folder")
+            if self.shards:
+                raise ValueError(f"shards is set on a {self.kind.value} source; shards are for kind=pseudo")
+        else:
+            if not self.shards:
+                raise ValueError("shards is empty: a pseudo source needs its output shards, e.g. [out/run1/*.tar]")
+            if self.annotations:
+                raise ValueError("annotations is set on a pseudo source; it reads shards only")
+        if self.kind is SourceKind.COCO and self.pack_captions is not None:
+            raise ValueError("pack_captions applies to mdetr and pseudo sources (coco builds class-name prompts)")
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
+
+
+@dataclass
+class TrainDataConfig:
+    # name -> source; YAML: ``sources: {o365: {kind: coco, ...}, goldg: {kind: mdetr, ...}}``
+    sources: dict[str, TrainSourceConfig] = field(default_factory=dict)
+    flip_prob: float = 0.5                   # AUGMENT.FLIP_PROB_TRAIN
+    prefetch_batches: int = 2                # built ahead in a background thread; 0 = none
+    max_consecutive_skips: int = 1000        # fail when this many samples in a row are unusable
+
+    def __post_init__(self) -> None:
+        converted = {}
+        for name, value in dict(self.sources).items():
+            if isinstance(value, TrainSourceConfig):
+                converted[str(name)] = value
+            else:
+                converted[str(name)] = typed_config.from_dict(TrainSourceConfig, value,
+                                                              prefix=f"data.sources.{name}.")
+        self.sources = converted
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("data.sources is empty: give at least one source, e.g. "
+                             "data.sources.goldg={kind: mdetr, annotations: ..., image_root: ...}")
+        for name, src in self.sources.items():
+            try:
+                src.validate()
+            except ValueError as exc:
+                raise ValueError(f"data.sources.{name}: {exc}") from None
+        if sum(s.weight for s in self.sources.values()) <= 0:
+            raise ValueError("data.sources: the weights sum to 0")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"data.flip_prob must be a probability, got {self.flip_prob}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
+
+
+def expand_shards(patterns: Iterable[str], storage_options: dict | None = None, where: str = "shards"
+                  ) -> list[str]:
+    """Brace patterns and globs -> sorted existing shard paths/URLs; a pattern matching nothing
+    raises naming ``where`` and the pattern."""
+    import fsspec
+    from braceexpand import braceexpand
+
+    found: list[str] = []
+    for pattern in patterns:
+        for expanded in braceexpand(pattern):
+            fs, path = fsspec.core.url_to_fs(expanded, **(storage_options or {}))
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+            matches = sorted(fs.glob(path)) if any(c in path for c in "*?[") else (
+                [path] if fs.isfile(path) else [])
+            if not matches:
+                raise FileNotFoundError(f"{where}: {expanded} matches no file (list the OUTPUT/*.tar "
+                                        "shards of a finished teacher run)")
+            found.extend(m if not prefix or m.startswith(prefix) else prefix + m for m in matches)
+    return list(dict.fromkeys(found))
+
+
+# ------------------------------------------------------------------------------------ sources
+class _Skip(Exception):
+    """A sample that cannot be used; ``args[0]`` is the reason."""
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+class _IndexedSource:
+    """A COCO or MDETR reader: references are indices into its index."""
+
+    def __init__(self, name: str, number: int, cfg: TrainSourceConfig, seed: int, rank: int,
+                 world_size: int, tokenizer, max_tokens: int):
+        from stages.readers.coco import CocoDetectionReader, CocoReaderConfig
+        from stages.readers.mdetr import MdetrGroundingReader, MdetrReaderConfig
+
+        self.name, self.cfg, self.tokenizer = name, cfg, tokenizer
+        self.seed, self.number, self.rank, self.world_size = seed, number, rank, world_size
+        if cfg.kind is SourceKind.COCO:
+            self.reader = CocoDetectionReader(CocoReaderConfig(
+                annotations=cfg.annotations, image_root=cfg.image_root, source=name,
+                box_convention=cfg.box_convention, keep_images_without_boxes=False,
+                storage_options=cfg.storage_options))
+            self.prompt = dataclasses.replace(cfg.prompt, max_tokens=min(cfg.prompt.max_tokens, max_tokens))
+        else:
+            self.reader = MdetrGroundingReader(MdetrReaderConfig(
+                annotations=cfg.annotations, image_root=cfg.image_root, image_roots=dict(cfg.image_roots),
+                source=name, box_convention=cfg.box_convention, keep_images_without_boxes=False,
+                storage_options=cfg.storage_options))
+        self.packing = None if cfg.pack_captions is None else dataclasses.replace(
+            cfg.pack_captions, max_tokens=min(cfg.pack_captions.max_tokens, max_tokens))
+        if len(self.reader) < world_size:
+            raise ValueError(f"data.sources.{name}: {len(self.reader)} usable images for {world_size} "
+                             "workers; every worker needs at least one")
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def factory(self, epoch: int) -> Iterator[int]:
+        n = len(self.reader)
+        order = (np.random.default_rng([self.seed, self.number, epoch]).permutation(n) if self.cfg.shuffle
+                 else np.arange(n))
+        return (int(i) for i in worker_shard(order, self.rank, self.world_size))
+
+    def materialize(self, index: int, rng: np.random.Generator) -> Sample:
+        image = self.reader[index]
+        try:
+            data = self.reader.read_image(image)
+        except FileNotFoundError:
+            raise _Skip("no_image") from None
+        sample = self.reader.to_sample(image, data)
+        sample.source = self.name
+        if self.cfg.kind is SourceKind.COCO:
+            return detection_to_grounding(sample, self.reader.categories, self.tokenizer, rng, self.prompt)
+        if self.packing is not None:
+            n = len(self.reader)
+            picks = rng.choice(n, size=min(n, 2 * max(self.packing.pack_random_caption_number, 1) + 1),
+                               replace=False)
+            pool = [self.reader[int(i)].caption for i in picks if int(i) != index]
+            sample = pack_negative_captions(sample, pool, self.tokenizer, rng, self.packing)
+        return sample
+
+
+class _ShardSource:
+    """Pseudo-labelled output shards: references are (record, image bytes, ext, pool)."""
+
+    def __init__(self, name: str, number: int, cfg: TrainSourceConfig, seed: int, rank: int,
+                 world_size: int, tokenizer, max_tokens: int):
+        self.name, self.cfg, self.tokenizer = name, cfg, tokenizer
+        self.seed, self.number, self.rank, self.world_size = seed, number, rank, world_size
+        self.shards = expand_shards(cfg.shards, cfg.storage_options, where=f"data.sources.{name}.shards")
+        self.packing = None if cfg.pack_captions is None else dataclasses.replace(
+            cfg.pack_captions, max_tokens=min(cfg.pack_captions.max_tokens, max_tokens))
+
+    def factory(self, epoch: int) -> Iterator[tuple]:
+        from stages.gallery import iter_output_samples
+
+        shards = list(self.shards)
+        if self.cfg.shuffle:
+            order = np.random.default_rng([self.seed, self.number, epoch]).permutation(len(shards))
+            shards = [shards[i] for i in order]
+        by_shard = len(shards) >= self.world_size
+        mine = shards[self.rank::self.world_size] if by_shard else shards
+
+        def refs() -> Iterator[tuple]:
+            pool: collections.deque[str] = collections.deque(maxlen=self.cfg.pool_size)
+            for item in iter_output_samples(mine, self.cfg.storage_options):
+                yield item.record, item.image, item.ext, item.shard, tuple(pool)
+                pool.append(item.record["caption"])
+
+        return refs() if by_shard else worker_shard(refs(), self.rank, self.world_size)
+
+    def materialize(self, ref: tuple, rng: np.random.Generator) -> Sample:
+        record, image, ext, shard, pool = ref
+        sample = Sample(
+            key=str(record.get("key", "")), input_shard=shard, source=self.name, image=image, image_ext=ext,
+            caption=record["caption"], width=record["width"], height=record["height"],
+            phrases=[Phrase(p["text"], (int(p["span"][0]), int(p["span"][1]))) for p in record.get("phrases", [])],
+            boxes=[list(map(float, b)) for b in record["boxes"]],
+            tokens_positive=[[list(s) for s in spans] for spans in record["tokens_positive"]],
+            scores=[float(s) for s in record.get("scores", [])], labeler=record.get("labeler"))
+        if sample.scores:                       # human labels in a shard carry no scores: kept as they are
+            sample = screen_pseudo_labels(sample, self.cfg.min_score)
+        if not sample.boxes:
+            raise _Skip("no_boxes")
+        if self.packing is not None:
+            sample = pack_negative_captions(sample, [c for c in pool if c != sample.caption], self.tokenizer,
+                                            rng, self.packing)
+        return sample
+
+
+# ------------------------------------------------------------------------------------ the stream
+class TrainStream:
+    """The batches of one worker (``rank`` of ``world_size``); ``batch_size`` images each."""
+
+    def __init__(self, cfg: TrainDataConfig, model_cfg: ModelConfig, tokenizer, batch_size: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        cfg.validate()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 per worker, got {batch_size}")
+        self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        max_tokens = model_cfg.language.max_query_len
+        self.sources: dict[str, _IndexedSource | _ShardSource] = {}
+        for number, (name, scfg) in enumerate(cfg.sources.items()):
+            kind = _ShardSource if scfg.kind is SourceKind.PSEUDO else _IndexedSource
+            self.sources[name] = kind(name, number, scfg, seed, rank, world_size, tokenizer, max_tokens)
+        self.mixture = Mixture(
+            MixtureConfig(sources=[MixtureSource(n, s.weight) for n, s in cfg.sources.items()],
+                          seed=_rank_seed(seed, rank)),
+            {name: src.factory for name, src in self.sources.items()})
+        self.transform = TrainTransform(model_cfg.input, TrainTransformConfig(flip_prob=cfg.flip_prob))
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    def _example(self):
+        """The next usable example (skipping and counting unusable samples)."""
+        for _ in range(self.cfg.max_consecutive_skips):
+            step = self.mixture.step
+            name = self.mixture.source_at(step)
+            ref = next(self.mixture)
+            rng = np.random.default_rng([self.seed, self.rank, step])
+            try:
+                sample = self.sources[name].materialize(ref, rng)
+            except _Skip as exc:
+                self.skipped[f"{name}:{exc.args[0]}"] += 1
+                continue
+            try:
+                return self.transform(sample, rng)
+            except (OSError, ValueError, SyntaxError) as exc:     # PIL: undecodable or inconsistent image
+                if self.skipped[f"{name}:bad_image"] < 5:
+                    log.warning("source %s: sample %s skipped (%s: %s)", name, sample.key,
+                                type(exc).__name__, exc)
+                self.skipped[f"{name}:bad_image"] += 1
+        raise RuntimeError(f"worker {self.rank}: {self.cfg.max_consecutive_skips} samples in a row were "
+                           f"unusable (skipped so far: {dict(self.skipped)}); check the sources' images, "
+                           "min_score and box annotations")
+
+    def next_batch(self) -> dict:
+        examples = [self._example() for _ in range(self.batch_size)]
+        batch = collate(examples, self.tokenizer, self.model_cfg)
+        batch["keys"] = [f"{ex.source}/{ex.key}" for ex in examples]
+        batch["sources"] = [ex.source for ex in examples]
+        batch["data_state"] = self.state_dict()
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "mixture": self.mixture.state_dict(), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(f"the data state belongs to worker {state['rank']} of {state['world_size']}, "
+                             f"not {self.rank} of {self.world_size}")
+        self.mixture.load_state_dict(state["mixture"])
+        self.skipped = collections.Counter(state.get("skipped", {}))
+
+
+class BatchPrefetcher:
+    """``TrainStream.next_batch`` run ``depth`` batches ahead in a daemon thread (``depth`` 0:
+    in the caller's thread). Iterate it; an error of the stream is raised in the caller."""
+
+    _END = object()
+
+    def __init__(self, stream: TrainStream, depth: int = 2):
+        self.stream, self.depth = stream, depth
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, name="train-prefetch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = self.stream.next_batch()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:            # noqa: BLE001 - handed to the consumer
+            self._queue.put(exc)
+
+    def __iter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __next__(self) -> dict:
+        if self._thread is None:
+            return self.stream.next_batch()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            self._thread = None
+

@@ -1,0 +1,447 @@
+"""The student trainer's pieces without Ray: config, official param groups and lr schedule, EMA,
+the training stream over all three source kinds, atomic checkpoints, one step's guards, and an
+in-process run that resumes exactly."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from model import typed_config
+from model.criterion import GLIPCriterion
+from model.typed_config import ConfigError
+from stages.gallery import iter_output_samples
+from stages.synthetic_train import write_training_mixture
+from stages.train import (EvalHookConfig, StepStatus, TrainConfig, WorkerContext, fit,
+                          load_train_config, lr_factor, make_optimizer, milestones, model_config,
+                          param_groups, train_step, ModelEma)
+from stages.train_data import TrainStream
+from stages.train_state import CheckpointStore, read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "train" / "tiny_mixture.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores two threads are much slower (and spin when the
+    other core is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    return write_training_mixture(tmp_path_factory.mktemp("mixture"), n_coco=16, n_mdetr=16, n_pseudo=16)
+
+
+def source_overrides(mix) -> list[str]:
+    return [f"data.sources.o365.annotations={mix.coco_annotations}",
+            f"data.sources.o365.image_root={mix.coco_images}",
+            f"data.sources.goldg.annotations={mix.mdetr_annotations}",
+            f"data.sources.goldg.image_root={mix.mdetr_images}",
+            f"data.sources.cc.shards=[{mix.root}/pseudo/*.tar]"]
+
+
+def train_config(mix, output, *overrides: str) -> TrainConfig:
+    data = typed_config.read_yaml(CONFIG)
+    data.pop("ray")                                  # the pipeline's section, not TrainConfig's
+    data = typed_config.merge_overrides(data, source_overrides(mix) + [f"output={output}", *overrides])
+    return typed_config.from_dict(TrainConfig, data, source=str(CONFIG))
+
+
+@pytest.fixture(scope="module")
+def tiny_random(mixture):
+    """A `tiny` GLIP with random weights (fast to build) and its model config."""
+    torch.manual_seed(0)
+    from model.glip import build_glip
+    cfg = train_config(mixture, "/unused")
+    return build_glip(model_config(cfg), load_weights=False)
+
+
+# ------------------------------------------------------------------------------------ config
+def test_config_yaml_overrides_and_errors(mixture, tmp_path):
+    cfg = train_config(mixture, tmp_path, "data.sources.cc.min_score=0.7", "max_iter=50")
+    assert list(cfg.data.sources) == ["o365", "goldg", "cc"]
+    assert cfg.data.sources["cc"].min_score == 0.7 and cfg.data.sources["cc"].kind.value == "pseudo"
+    assert cfg.data.sources["o365"].annotations == str(mixture.coco_annotations)
+    assert cfg.data.sources["goldg"].pack_captions.pack_random_caption_number == 4
+    # round trip through plain dicts (how the config reaches Ray Train workers)
+    assert typed_config.from_dict(TrainConfig, typed_config.to_dict(cfg)) == cfg
+
+    with pytest.raises(ConfigError, match=r"data\.sources\.o365\.kind.*'coco', 'mdetr', 'pseudo'"):
+        train_config(mixture, tmp_path, "data.sources.o365.kind=voc")
+    with pytest.raises(ConfigError, match=r"data\.sources\.goldg: annotations is empty"):
+        train_config(mixture, tmp_path, "data.sources.goldg.annotations=")
+    with pytest.raises(ConfigError, match=r"unknown key data\.sources\.cc\.min_scor"):
+        train_config(mixture, tmp_path, "data.sources.cc.min_scor=0.3")
+    with pytest.raises(ConfigError, match="steps must be increasing fractions"):
+        train_config(mixture, tmp_path, "steps=[0.9, 0.5]")
+    with pytest.raises(ConfigError, match="precision.*'fp32', 'bf16', 'fp16'"):
+        train_config(mixture, tmp_path, "precision=fp8")
+    with pytest.raises(ConfigError, match="init=checkpoint needs init_checkpoint"):
+        train_config(mixture, tmp_path, "init=checkpoint")
+    with pytest.raises(ConfigError, match="output is empty"):
+        load_train_config(None, ["data.sources.x={kind: pseudo, shards: [a.tar]}"])
+
+
+# ------------------------------------------------------------------------------------ solver
+def test_param_groups_follow_the_official_rules(tiny_random, mixture):
+    cfg = train_config(mixture, "/unused", "lr=0.01", "lang_lr=0.001", "weight_decay=0.05")
+    model = tiny_random
+    for p in model.backbone.parameters():                 # frozen tensors are left out
+        p.requires_grad_(False)
+    try:
+        groups = param_groups(model, cfg)
+        by_name = {n: g for g in groups for n in g["names"]}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert set(by_name) == trainable and sum(len(g["names"]) for g in groups) == len(trainable)
+        assert not any(n.startswith("backbone.") for n in by_name)
+        assert [g["group"] for g in groups] == ["base", "base_bias", "language", "language_bias"]
+        expect = {"base": (0.01, 0.05), "base_bias": (0.02, 0.0), "language": (0.001, 0.05),
+                  "language_bias": (0.002, 0.0)}
+        for name, group in by_name.items():
+            language, bias = name.startswith("language."), "bias" in name
+            key = ("language" if language else "base") + ("_bias" if bias else "")
+            assert group["group"] == key, name
+            assert (group["lr"], group["weight_decay"]) == pytest.approx(expect[key]), name
+        # the official rule is a substring match: the head's bias_lang / bias0 count as biases,
+        # the head's own BERT layers are not the language backbone
+        assert by_name["head.bias_lang"]["group"] == by_name["head.bias0"]["group"] == "base_bias"
+        assert any(n.startswith("head.blocks.0.text_layer.") and by_name[n]["group"] == "base"
+                   for n in by_name)
+        assert by_name["language.model.embeddings.LayerNorm.weight"]["group"] == "language"
+        optimizer = make_optimizer(groups)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.02, 0.001, 0.002])
+    finally:
+        for p in model.backbone.parameters():
+            p.requires_grad_(True)
+
+
+def test_lr_schedule_warmup_then_steps():
+    cfg = TrainConfig(output="x", max_iter=10000, warmup_iters=2000, warmup_factor=0.001, steps=(0.67, 0.89))
+    assert milestones(cfg) == [6700, 8900]
+    expected = {0: 0.001, 1: 0.001 * (1 - 1 / 2000) + 1 / 2000, 1000: 0.5005, 1999: 0.001 * (1 / 2000) + 1999 / 2000,
+                2000: 1.0, 6699: 1.0, 6700: 0.1, 8899: 0.1, 8900: 0.01, 9999: 0.01}
+    for step, factor in expected.items():
+        assert lr_factor(step, cfg) == pytest.approx(factor, rel=1e-12), step
+    short = TrainConfig(output="x", max_iter=12, warmup_iters=0, steps=(0.5,), gamma=0.5)
+    assert [lr_factor(s, short) for s in (0, 5, 6, 11)] == [1.0, 1.0, 0.5, 0.5]
+
+
+def test_ema_is_the_official_moving_average():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = ModelEma(model, decay=0.9)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update(model)
+    assert torch.allclose(ema.state["0.weight"], 0.9 * start["0.weight"] + 0.1 * (start["0.weight"] + 1))
+    assert torch.equal(ema.state["0.bias"], start["0.bias"])
+    assert int(ema.state["1.num_batches_tracked"]) == 7           # integer buffers are copied
+    other = ModelEma(model, 0.9)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(other.state[k], ema.state[k]) for k in ema.state)
+
+
+# ------------------------------------------------------------------------------------ data
+def test_stream_mixes_all_sources_disjointly_and_resumes_exactly(mixture, tiny_random):
+    cfg = train_config(mixture, "/unused", "data.prefetch_batches=0")
+    mcfg, tok = tiny_random.cfg, tiny_random.tokenizer
+    streams = [TrainStream(cfg.data, mcfg, tok, batch_size=2, seed=0, rank=r, world_size=2) for r in range(2)]
+    batches = [[s.next_batch() for _ in range(6)] for s in streams]
+    keys = [[k for b in bs for k in b["keys"]] for bs in batches]
+    assert {k.split("/")[0] for ks in keys for k in ks} == {"o365", "goldg", "cc"}
+    assert len(set(keys[0]) & set(keys[1])) == 0, "the workers' parts of the sources overlap"
+    # pseudo labels: screened at min_score 0.5; the sample whose boxes all score 0.3 never appears
+    assert "cc/cc00001" not in keys[0] + keys[1]
+    records = {f"cc/{s.record['key']}": s.record
+               for s in iter_output_samples([str(p) for p in mixture.pseudo_shards])}
+    for b in batches[0] + batches[1]:
+        for key, target in zip(b["keys"], b["targets"]):
+            if key.startswith("cc/"):
+                assert target["boxes"].shape[0] == sum(s > 0.5 for s in records[key]["scores"])
+            assert target["boxes"].shape[0] == target["positive_map"].shape[0] > 0
+            assert (target["positive_map"].sum(1) > 0).all(), f"{key}: a box maps to no token"
+    # the same seed gives the same stream; a fresh stream that loads the state continues it
+    again = TrainStream(cfg.data, mcfg, tok, batch_size=2, seed=0, rank=0, world_size=2)
+    for b in batches[0][:3]:
+        nb = again.next_batch()
+        assert nb["keys"] == b["keys"] and nb["captions"] == b["captions"]
+    resumed = TrainStream(cfg.data, mcfg, tok, batch_size=2, seed=0, rank=0, world_size=2)
+    resumed.load_state_dict(batches[0][2]["data_state"])
+    for b in batches[0][3:]:
+        nb = resumed.next_batch()
+        assert nb["keys"] == b["keys"] and nb["captions"] == b["captions"]
+        assert torch.equal(nb["images"], b["images"]) and torch.equal(nb["input_ids"], b["input_ids"])
+    with pytest.raises(ValueError, match="worker 0 of 2, not 1 of 2"):
+        streams[1].load_state_dict(batches[0][2]["data_state"])
+    other_seed = TrainStream(cfg.data, mcfg, tok, batch_size=2, seed=1, rank=0, world_size=2)
+    assert [k for _ in range(6) for k in other_seed.next_batch()["keys"]] != keys[0]
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_store_pointer_pruning_and_failed_writes(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep=2)
+    assert store.latest() is None and store.load() is None
+    for step in (5, 10, 15):
+        store.save(step, {"step": step, "w": torch.full((4,), float(step))}, info={"world_size": 2})
+    assert [n for _, n in store.checkpoints()] == ["step_00000010.pt", "step_00000015.pt"]
+    assert store.pointer() == {"checkpoint": "step_00000015.pt", "step": 15, "world_size": 2}
+    assert store.load()["w"][0].item() == 15.0
+
+    def broken(obj, fh):                      # dies half-way through writing
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    original = torch.save
+    torch.save = broken
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            store.save(20, {"step": 20})
+    finally:
+        torch.save = original
+    assert store.latest() == "step_00000015.pt" and store.pointer()["step"] == 15
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint_latest", "step_00000010.pt",
+                                                            "step_00000015.pt"]
+
+
+def test_a_killed_writer_leaves_only_complete_checkpoints(tmp_path):
+    """SIGKILL a process while it writes 128 MB checkpoints: every file under a final name is
+    complete, and the half-written one lies under a temporary name."""
+    script = textwrap.dedent(f"""
+        import torch
+        from stages.train_state import CheckpointStore
+        store = CheckpointStore({str(tmp_path)!r}, keep=2)
+        for step in range(1, 1000):
+            store.save(step, {{"step": step, "w": torch.full((32, 1024, 1024), float(step))}})
+    """)
+    folder = tmp_path / "checkpoints"
+    for attempt in range(5):           # until the kill lands while a checkpoint is being written
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            names = os.listdir(folder) if folder.exists() else []
+            if any(n.endswith(".tmp") for n in names) and sum(n.endswith(".pt") for n in names) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        if any(n.endswith(".tmp") for n in os.listdir(folder)):
+            break
+    else:
+        pytest.fail("the kill never landed during a write")
+    store = CheckpointStore(str(tmp_path), keep=2)
+    complete = store.checkpoints()
+    assert len(complete) >= 2
+    for step, name in complete:
+        payload = torch.load(folder / name, weights_only=True)
+        assert payload["step"] == step and payload["w"][-1, -1, -1].item() == float(step)
+    assert store.load()["step"] == complete[-1][0]
+    assert store.remove_stale_temporaries() >= 1
+    assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------ one step
+def test_train_step_updates_and_guards(mixture, tiny_random, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_random
+    cfg = train_config(mixture, tmp_path, "warmup_iters=0", "ema_decay=0.5")
+    stream = TrainStream(cfg.data, model.cfg, model.tokenizer, batch_size=2, seed=0)
+    batch = stream.next_batch()
+    criterion = GLIPCriterion(model.cfg.loss)
+    optimizer = make_optimizer(param_groups(model, cfg))
+    cpu = torch.device("cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = ModelEma(model, cfg.ema_decay)
+    model.train()
+
+    result = train_step(model, criterion, optimizer, batch, step=3, cfg=cfg, device=cpu, ema=ema)
+    assert result.status is StepStatus.OK and math.isfinite(result.loss) and result.images == 2
+    assert result.lr == pytest.approx(cfg.lr * lr_factor(3, cfg))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_factor(3, cfg))
+    assert result.loss == pytest.approx(sum(v * w for k, v in result.losses.items()
+                                            for kk, w in criterion.weight_dict.items() if k == kk))
+    assert result.grad_norm > 0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("head.") for k in changed) and any(k.startswith("language.") for k in changed)
+    key = changed[0]
+    assert torch.allclose(ema.state[key], 0.5 * before[key] + 0.5 * model.state_dict()[key])
+
+    # a non-finite loss: no update at all. (Not made with a NaN pixel: torchvision's CPU
+    # deform_conv2d crashes the process on NaN offsets, see model/dyconv.py.)
+    def nan_criterion(outputs, targets, mask):
+        losses = criterion(outputs, targets, mask)
+        return dict(losses, loss_reg=losses["loss_reg"] * float("nan"))
+    nan_criterion.total = criterion.total
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_step(model, nan_criterion, optimizer, batch, step=4, cfg=cfg, device=cpu)
+    assert result.status is StepStatus.SKIPPED_NONFINITE and math.isnan(result.loss)
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+    # more than max_empty_fraction of the images without a box: skipped before the forward
+    empty = dict(batch, targets=[batch["targets"][0], {"boxes": torch.zeros(0, 4),
+                                                       "positive_map": torch.zeros(0, batch["input_ids"].shape[1])}])
+    assert train_step(model, criterion, optimizer, empty, step=4, cfg=cfg, device=cpu).status \
+        is StepStatus.SKIPPED_EMPTY
+    lenient = train_config(mixture, tmp_path, "max_empty_fraction=0.5")
+    assert train_step(model, criterion, optimizer, empty, step=4, cfg=lenient, device=cpu).status is StepStatus.OK
+
+    # bf16 autocast and fp16 with a GradScaler run on CPU too (fp16's first scale may overflow: no update)
+    bf16 = train_config(mixture, tmp_path, "precision=bf16")
+    assert train_step(model, criterion, optimizer, batch, step=5, cfg=bf16, device=cpu).status is StepStatus.OK
+    fp16 = train_config(mixture, tmp_path, "precision=fp16")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    result = train_step(model, criterion, optimizer, batch, step=6, cfg=fp16, device=cpu, scaler=scaler)
+    assert result.status is StepStatus.OK and math.isfinite(result.loss)
+    assert result.overflow == (scaler.get_scale() < 2.0 ** 4)
+
+
+# ------------------------------------------------------------------------------------ the loop
+def test_fit_in_process_writes_everything_and_resumes_exactly(mixture, tmp_path):
+    """4 steps with a checkpoint at 2; then the step-4 checkpoint is removed (a run killed after
+    step 2's checkpoint) and --resume must give the same records, bit for bit."""
+    run = tmp_path / "run"
+    cfg = train_config(mixture, run, "max_iter=4", "checkpoint_every=2", "log_every=1", "batch_size=2",
+                       "warmup_iters=2", "lr=0.001")
+    summary = fit(cfg, WorkerContext())
+    assert summary["step"] == 4 and summary["checkpoint"] == "step_00000004.pt"
+    records = read_metrics(str(run))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert [r["lr"] for r in records] == pytest.approx([cfg.lr * lr_factor(s, cfg) for s in range(4)])
+    for name in ("model", "model_ema"):
+        assert (run / name / "model.safetensors").is_file() and (run / name / "config.json").is_file()
+    assert json.loads((run / "train_summary.json").read_text())["step"] == 4
+    assert list((run / "tensorboard").iterdir()), "no TensorBoard events"
+    ckpt = torch.load(run / "checkpoints" / "step_00000004.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "ema", "data", "rng", "step", "scaler", "config"}
+    assert ckpt["step"] == 4 and ckpt["data"][0]["mixture"]["step"] >= 8
+
+    with pytest.raises(ValueError, match=r"data\.sources\.cc\.min_score: 0\.5 in the checkpoint, 0\.6 now"):
+        fit(train_config(mixture, run, "max_iter=4", "batch_size=2", "data.sources.cc.min_score=0.6",
+                         "data.prefetch_batches=1"), WorkerContext(), resume=True)
+
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    (killed / "checkpoints" / "step_00000004.pt").unlink()
+    cfg2 = train_config(mixture, killed, "max_iter=4", "checkpoint_every=2", "log_every=1", "batch_size=2",
+                        "warmup_iters=2", "lr=0.001")
+    seen = []
+    fit(cfg2, WorkerContext(on_log=seen.append), resume=True)
+    assert [r["step"] for r in seen] == [3, 4]
+    resumed = read_metrics(str(killed))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(records, resumed):
+        for key in ("step", "lr", "keys", "loss", "loss_token", "loss_reg", "loss_centerness", "grad_norm"):
+            assert a[key] == b[key], (a["step"], key)
+
+
+def test_eval_hook_requires_configs():
+    with pytest.raises(ValueError, match="eval.configs is empty"):
+        EvalHookConfig(every=10).validate()
+
+
+def test_workers_with_diverged_weights_are_caught(tmp_path):
+    """The checkpoint-time check that every worker holds the same weights (2 gloo processes)."""
+    script = tmp_path / "sync.py"
+    script.write_text(textwrap.dedent("""
+        import os, socket, sys
+        import torch, torch.distributed as dist, torch.multiprocessing as mp
+        from torch import nn
+
+        def run(rank, port, out):
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            dist.init_process_group("gloo", rank=rank, world_size=2)
+            from stages.train import _check_in_sync
+            for same in (True, False):
+                torch.manual_seed(0 if same else rank)
+                try:
+                    _check_in_sync(nn.Linear(3, 2), 5)
+                    result = "in sync"
+                except RuntimeError as exc:
+                    result = str(exc)
+                with open(f"{out}-{same}.{rank}", "w") as fh:
+                    fh.write(result)
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.spawn(run, args=(port, sys.argv[1]), nprocs=2, join=True)
+    """))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "r")], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"r-True.{rank}").read_text() == "in sync"
+        assert "step 5: the workers' weights differ" in (tmp_path / f"r-False.{rank}").read_text()
+
+
+def test_checkpoints_and_metrics_on_an_object_store_path():
+    """A non-local fsspec output (``memory://``) takes the upload code paths."""
+    import fsspec
+
+    from stages.train_state import MetricsLog, write_json
+
+    fs = fsspec.filesystem("memory")
+    root = "memory://train-test-run"
+    store = CheckpointStore(root, keep=1)
+    for step in (2, 4):
+        store.save(step, {"step": step, "w": torch.ones(3) * step}, info={"world_size": 1})
+    assert [n for _, n in store.checkpoints()] == ["step_00000004.pt"]
+    assert store.load()["w"].tolist() == [4.0, 4.0, 4.0] and store.pointer()["step"] == 4
+    assert not [p for p in fs.find("/train-test-run") if p.endswith(".tmp")]
+
+    log = MetricsLog(root)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0 / step, "keys": [["a"]]})
+    log.sync()
+    assert [r["step"] for r in read_metrics(root)] == [1, 2, 3]
+    log.close()
+    assert fs.find("/train-test-run/tensorboard"), "TensorBoard events were not uploaded"
+    resumed = MetricsLog(root, resume_step=2)              # a resume from step 2 forgets step 3
+    resumed.write({"step": 3, "loss": 0.25})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(root)] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    write_json(root, "train_summary.json", {"step": 3})
+    assert json.loads(fs.cat("/train-test-run/train_summary.json")) == {"step": 3}
+    fs.rm("/train-test-run", recursive=True)
+
+
+def test_init_from_a_checkpoint_of_ours_or_official(mixture, tiny_teacher, tmp_path):
+    from model.checkpoint import load_pretrained, save_official
+    from stages.train import build_model
+
+    teacher = load_pretrained(tiny_teacher)
+    official = tmp_path / "official.pth"
+    save_official(teacher, official)
+    for path in (tiny_teacher, official):
+        cfg = train_config(mixture, tmp_path / "run", "init=checkpoint", f"init_checkpoint={path}")
+        student = build_model(cfg)
+        theirs = teacher.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in student.state_dict().items()), path
+    # the teacher fixture was built with pretrained parts: its backbone and text encoder are the
+    # packaged ImageNet EfficientNet-Lite0 and MiniLM weights
+    backbone = next(k for k in teacher.state_dict() if k.startswith("backbone.body.") and k.endswith("weight"))
+    text = "language.model.embeddings.word_embeddings.weight"
+    parts = build_model(train_config(mixture, tmp_path / "run", "init=pretrained_parts")).state_dict()
+    scratch = build_model(train_config(mixture, tmp_path / "run", "init=scratch")).state_dict()
+    assert torch.equal(parts[backbone], teacher.state_dict()[backbone]) and torch.equal(parts[text], teacher.state_dict()[text])
+    assert not torch.equal(scratch[backbone], parts[backbone]) and not torch.equal(scratch[text], parts[text])
