@@ -14,6 +14,7 @@ from pipeline import runner
 from pipeline.config import RunConfig, config_dir, load_run_config
 
 DEMO_CONFIG = config_dir() / "pipeline" / "demo.yaml"
+SELFTRAIN_CONFIG = config_dir() / "demo.yaml"
 
 
 def run(config: str | os.PathLike | RunConfig | None = None, overrides: list[str] | None = None
@@ -144,3 +145,10 @@ def train(config: str | os.PathLike | None = None, overrides: list[str] | None =
     else:
         cfg = load_train_job(config, overrides)
     return _train(cfg, resume=resume)
+
+
+def selftrain(config: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """The teacher-student loop of ``configs/demo.yaml`` (see pipeline/selftrain.py)."""
+    from pipeline.selftrain import load_selftrain_config
+    from pipeline.selftrain import selftrain as _selftrain
+    return _selftrain(load_selftrain_config(config or SELFTRAIN_CONFIG, overrides))

@@ -101,6 +101,15 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_selftrain(ns: argparse.Namespace) -> int:
+    from pipeline import api
+    config, overrides = _split_config(ns.args)
+    out = api.selftrain(config or str(api.SELFTRAIN_CONFIG), overrides)
+    print((Path(out["report"])).read_text())
+    print(f"report: {out['report']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="glip-selftrain: GLIP and its self-training data engine.")
@@ -128,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "prints the statistics. key=value overrides apply to the run config.")
     p.add_argument("args", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("selftrain", help="the whole teacher-student loop in a miniature world (README's main command)",
+                       description="world -> train the teacher (detection + grounding) -> pseudo-label the "
+                       "web shards -> train the student (+ pseudo shards) -> evaluate both -> "
+                       "WORKDIR/REPORT.md. CONFIG defaults to configs/demo.yaml; finished steps are "
+                       "skipped on a rerun.")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.set_defaults(func=_cmd_selftrain)
 
     p = sub.add_parser("eval", help="zero-shot detection AP or phrase-grounding recall of a checkpoint",
                        description="Evaluate a checkpoint (ours or an official GLIP .pth) on COCO-format "
