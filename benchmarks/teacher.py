@@ -12,7 +12,6 @@ Ray and model start-up are excluded (they are printed separately). Goal: DAG / b
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import sys

@@ -144,19 +144,9 @@ class StageWorker:
 # --------------------------------------------------------------------------- Ray plumbing
 
 def init_ray(cfg: RunConfig) -> bool:
-    """Join or start Ray; returns True when this call started it (and so must stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return True
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # local single-user session
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=True, logging_level=logging.WARNING)
-    return True
+    """Join or start Ray for this run; True when this call did (and so must stop it)."""
+    from pipeline.ray_session import init_ray as _init
+    return _init(cfg.ray.address, cfg.ray.num_cpus)
 
 
 def _check_output(out: OutputDir, cfg: RunConfig, inputs: list[str]) -> Manifest:

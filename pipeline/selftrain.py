@@ -103,13 +103,13 @@ def _evaluate(cfg: SelfTrainConfig, world, name: str, checkpoint: str, out: Path
     from pipeline.evaluation import EvalConfig, EvalKind, run_eval
 
     metrics = {}
-    for kind, annotations in ((EvalKind.DETECTION, world.eval_annotations),
+    for kind, gt_file in ((EvalKind.DETECTION, world.eval_annotations),
                               (EvalKind.GROUNDING, world.eval_grounding)):
         path = out / f"{name}_{kind.value}_metrics.json"
         if path.exists():
             metrics[kind.value] = json.loads(path.read_text())
             continue
-        ecfg = EvalConfig(kind=kind, checkpoint=checkpoint, annotations=str(annotations),
+        ecfg = EvalConfig(kind=kind, checkpoint=checkpoint, annotations=str(gt_file),
                           image_root=str(world.images("eval")), output=str(out),
                           name=f"{name}_{kind.value}", batch_size=cfg.eval_batch_size, progress=cfg.progress)
         metrics[kind.value] = run_eval(ecfg)

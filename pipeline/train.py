@@ -250,18 +250,8 @@ def _worker_main(config: dict) -> None:
 
 def _init_ray(cfg: TrainJobConfig) -> bool:
     """Join or start Ray; True when this call started it (and so must stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return True
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # local single-user session
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=True, logging_level=logging.WARNING)
-    return True
+    from pipeline.ray_session import init_ray
+    return init_ray(cfg.ray.address, cfg.ray.num_cpus)
 
 
 def _storage_path(cfg: TrainJobConfig) -> str | None:

@@ -113,7 +113,6 @@ class PseudoLabel(BaseStage):
         sample.phrases = fitting
 
     def _label(self, sample: Sample, det) -> None:
-        import torch
         from torchvision.ops import nms
 
         cfg = self.config

@@ -48,3 +48,70 @@ TEACHER_OVERRIDES = ["inference.score_threshold=0.0", "input.min_size_test=128",
 @pytest.fixture(scope="session")
 def teacher_overrides():
     return list(TEACHER_OVERRIDES)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), so Ray's own processes are found too."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.fixture
+def kill_tree():
+    """SIGKILL a subprocess (started with start_new_session=True) and everything below it."""
+    import signal
+
+    def kill(proc) -> None:
+        tree = [proc.pid] + _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+
+    return kill
+
+
+@pytest.fixture
+def run_until_committed(kill_tree):
+    """Start ``pipeline run`` ARGS, SIGKILL its process tree once ``count`` shards are committed
+    (before the run ends); returns how many were committed at the kill."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    def run(args: list[str], manifest, count: int = 1, env=None, timeout: float = 300) -> int:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.time() + timeout
+        committed = 0
+        while time.time() < deadline and proc.poll() is None:
+            if manifest.exists():
+                try:
+                    committed = len(json.loads(manifest.read_text())["shards"])
+                except (json.JSONDecodeError, KeyError):
+                    committed = 0
+                if committed >= count:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        kill_tree(proc)
+        return committed
+
+    return run

@@ -1,14 +1,10 @@
 """The noun-phrase DAG on Ray: accounting, exactly-once resume, determinism, atomic commits."""
 from __future__ import annotations
 
-import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -34,25 +30,6 @@ def _tar_members(path):
 def _output_files(out: Path):
     """Every committed data file (tar + parquet) with its bytes."""
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), so Ray's own processes are killed too."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -184,39 +161,18 @@ def test_stats_command_prints_totals_and_writes_plots(first_run, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
-def test_sigkill_while_writing_then_rerun_equals_uninterrupted_run(web_shards, first_run, tmp_path):
+def test_sigkill_while_writing_then_rerun_equals_uninterrupted_run(web_shards, first_run, tmp_path,
+                                                                   run_until_committed):
     """Kill the whole process tree (driver + Ray) once a shard is committed, then rerun."""
     root, _ = web_shards
     reference, _ = first_run
     out = tmp_path / "killed"
-    many = tmp_path / "many"
-    many.mkdir()
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", f"input.shards=[{root}/*.tar]", f"output.path={out}",
-           "progress=false", "input.source=test", "ray.max_shards_in_flight=1", "ray.num_cpus=2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    manifest = out / "_manifest.json"
-    deadline = time.time() + 180
-    committed = 0
-    while time.time() < deadline and proc.poll() is None:
-        if manifest.exists():
-            try:
-                committed = len(json.loads(manifest.read_text())["shards"])
-            except (json.JSONDecodeError, KeyError):
-                committed = 0
-            if committed >= 1:
-                break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    tree = [proc.pid] + _descendants(proc.pid)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-    assert committed < 3
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    args = [f"input.shards=[{root}/*.tar]", f"output.path={out}", "progress=false", "input.source=test",
+            "ray.max_shards_in_flight=1", "ray.num_cpus=2"]
+    committed = run_until_committed(args, out / "_manifest.json")
+    assert 1 <= committed < 3
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already committed" in result.stdout
     assert _output_files(out) == _output_files(reference)

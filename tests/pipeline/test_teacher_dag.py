@@ -105,3 +105,18 @@ def test_show_and_export_read_the_output(labelled, tmp_path):
                                                     image_root=exported["image_root"]))
     assert len(reader) == summary.totals["kept"]
     assert sum(len(im.boxes) for im in reader) == summary.totals["boxes"]
+
+
+def test_sigkill_during_the_teacher_stage_then_rerun_equals_clean_run(shards, labelled, tiny_teacher, tmp_path,
+                                                                      run_until_committed):
+    root, _ = shards
+    reference, _ = labelled
+    out = tmp_path / "killed"
+    args = [*_args(root, out, tiny_teacher), "ray.max_shards_in_flight=1", "ray.num_cpus=2"]
+    assert run_until_committed(args, out / "_manifest.json") == 1
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 done now, 1 already committed" in result.stdout
+    for name in ("00000.tar", "00001.tar", "00000.parquet", "00001.parquet"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
