@@ -52,8 +52,8 @@ import os
 import re
 from typing import Any, Iterable
 
-from stages.gallery import (OutputFolder, check_record, filter_record, iter_output_samples,
-                            phrase_groups)
+from stages.gallery import phrase_groups
+from stages.output_shards import OutputFolder, check_record, filter_record, iter_output_samples
 from stages.readers.common import BoxConvention, xyxy_to_xywh
 from stages.schema import IMAGE_EXTENSIONS
 
