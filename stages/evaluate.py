@@ -20,15 +20,8 @@ annotated nor listed negative for the image are discarded; unmatched detections 
 listed not-exhaustive for the image are ignored. Otherwise the metrics are plain COCO (maxDets
 per image and category, as pycocotools counts them). The result's ``notes`` say which was done.
 
-Phrase grounding: ``phrase_grounding_recall`` (one protocol) and ``grounding_metrics`` (both)
-follow MDETR's Flickr30k evaluator (``datasets/flickr_eval.py``; GLIP's copy is identical): a
-phrase counts as found at K when any of its top-K predicted boxes has IoU >= 0.5 with one of its
-ground-truth boxes ("any_box", MDETR's separate-GT mode), or with the union box of its
-ground-truth boxes ("merged_box", Plummer et al.'s merged-GT mode). K = -1 means all predictions
-(MDETR's "upper bound"). IoU is the continuous one, ``(x2 - x1) * (y2 - y1)`` without the legacy
-``+1``, because both evaluators compute it that way. A phrase with no prediction is a miss; a
-phrase missing from ``predictions`` is an error (MDETR raises "Missing predictions" too).
-These live in ``stages.grounding_eval`` and are re-exported here.
+Phrase-grounding Recall@K (MDETR's Flickr30k protocols) lives in ``stages.grounding_eval`` and is
+re-exported here.
 
 Results: ``write_results(out_dir, name, metrics, predictions)`` writes ``NAME_metrics.json`` and
 ``NAME_predictions.json`` side by side (each atomically); ``format_metrics_table(metrics)``

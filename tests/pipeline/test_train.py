@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -102,36 +101,6 @@ def test_one_worker_runs_in_process_through_the_cli_with_the_eval_hook(mixture, 
     assert not (out / "model_ema").exists() and (out / "model" / "model.safetensors").is_file()
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (read from /proc; Ray's raylet, GCS and workers included)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    tree = [proc.pid] + _descendants(proc.pid)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
 def _expected_keys(mix, output) -> list[list[list[str]]]:
     """The batches an uninterrupted 2-worker run draws: per step, per worker, its sample keys
     (the data stream alone decides them; no batch of this mixture is skipped)."""
@@ -143,7 +112,7 @@ def _expected_keys(mix, output) -> list[list[list[str]]]:
 
 
 @pytest.mark.slow
-def test_two_ray_workers_train_and_resume_exactly_after_sigkill(mixture, tmp_path):
+def test_two_ray_workers_train_and_resume_exactly_after_sigkill(mixture, tmp_path, kill_tree):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipeline.cli", "train", str(CONFIG), *overrides(mixture, out)]
     log_path = tmp_path / "first.log"
@@ -164,7 +133,7 @@ def test_two_ray_workers_train_and_resume_exactly_after_sigkill(mixture, tmp_pat
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed:\n" + log_path.read_text()[-3000:]
-    _kill_tree(proc)
+    kill_tree(proc)
     first_seconds = time.time() - t0
     killed_at = pointer["step"]
     assert pointer["world_size"] == 2 and killed_at < MAX_ITER and before_kill[-1]["step"] > killed_at
