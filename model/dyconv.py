@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import deform_conv2d
+
+from model.deform_conv import modulated_deform_conv2d
 
 KERNEL_TAPS = 9   # 3x3
 
@@ -71,8 +72,8 @@ class ModulatedDeformConv3x3(nn.Module):
         """x: [B, Cin, H, W]; offset: [B, 18, H', W'] interleaved (dy, dx) per tap; mask: [B, 9, H', W']
         with (H', W') the output size. Returns [B, Cout, H', W'] float32."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(),
-                                 stride=self.stride, padding=1, mask=mask.float())
+            return modulated_deform_conv2d(x.float(), offset.float(), mask.float(), self.weight.float(),
+                                           self.bias.float(), stride=self.stride, padding=1)
 
 
 class DeformConvNorm(nn.Module):
@@ -130,7 +131,7 @@ class DyConv(nn.Module):
         out = []
         for level, x in enumerate(visual):
             offset_mask = self.offset(x)
-            # torchvision's CPU deform_conv2d crashes the process on NaN offsets: keep a diverged
+            # torchvision's deform_conv2d has crashed the process on NaN offsets: keep a diverged
             # step a NaN loss (caught by the trainer) instead of a segfault
             offset = offset_mask[:, :2 * KERNEL_TAPS].nan_to_num()
             mask = offset_mask[:, 2 * KERNEL_TAPS:].sigmoid()
