@@ -19,8 +19,19 @@ if TYPE_CHECKING:
 _GROUP_ORDER = ("base", "base_bias", "language", "language_bias")
 
 
+def lr_multiplier(name: str, multipliers: dict[str, float]) -> tuple[str, float]:
+    """The (prefix, factor) of ``cfg.lr_multipliers`` that applies to tensor ``name``: the longest
+    matching prefix, or ("", 1.0)."""
+    best = max((p for p in multipliers if name.startswith(p)), key=len, default="")
+    return best, (multipliers[best] if best else 1.0)
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups by the official rules; each group also lists its tensors' ``names``."""
+    """AdamW groups by the official rules; each group also lists its tensors' ``names``.
+
+    Tensors under a prefix of ``cfg.lr_multipliers`` (ours, not official) get their own groups
+    ("base@head.bbox_pred", ...) whose lr is multiplied by that factor.
+    """
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -33,11 +44,19 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         if bias:
             lr, wd = lr * cfg.bias_lr_factor, cfg.bias_weight_decay
         key = ("language" if language else "base") + ("_bias" if bias else "")
+        prefix, factor = lr_multiplier(name, cfg.lr_multipliers)
+        if prefix:
+            key, lr = f"{key}@{prefix}", lr * factor
         group = groups.setdefault(key, {"group": key, "params": [], "names": [], "lr": lr, "base_lr": lr,
                                         "weight_decay": wd})
         group["params"].append(p)
         group["names"].append(name)
-    return [groups[k] for k in _GROUP_ORDER if k in groups]
+    unused = sorted(set(cfg.lr_multipliers) - {g["group"].split("@")[1] for g in groups.values() if "@" in g["group"]})
+    if unused:
+        raise ValueError(f"lr_multipliers: no trainable parameter name starts with {unused}; the head's "
+                         "predictors are head.bbox_pred, head.centerness, head.scales")
+    order = {k: i for i, k in enumerate(_GROUP_ORDER)}
+    return sorted(groups.values(), key=lambda g: (order[g["group"].split("@")[0]], g["group"]))
 
 
 def milestones(cfg: TrainConfig) -> list[int]:

@@ -107,6 +107,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     bias_lr_factor: float = 2.0             # BIAS_LR_FACTOR
     bias_weight_decay: float = 0.0          # WEIGHT_DECAY_BIAS
+    # ours: parameter-name prefix -> lr factor (longest prefix wins), e.g. a fresh head learning
+    # faster than pretrained parts: {head.bbox_pred: 10}
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     warmup_iters: int = 2000
     warmup_factor: float = 0.001
     steps: tuple[float, ...] = (0.67, 0.89)  # fractions of max_iter where the lr is multiplied by gamma
@@ -139,6 +142,10 @@ class TrainConfig:
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value}")
+        for prefix, factor in self.lr_multipliers.items():
+            if not prefix or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+                raise ValueError(f"lr_multipliers: {prefix!r}: {factor!r} must map a non-empty parameter-name "
+                                 "prefix to a finite factor >= 0, e.g. {head.bbox_pred: 10}")
         if self.warmup_iters < 0 or not 0 < self.warmup_factor <= 1:
             raise ValueError("warmup_iters must be >= 0 and warmup_factor in (0, 1]")
         if any(not 0 < f <= 1 for f in self.steps) or list(self.steps) != sorted(self.steps):

@@ -24,8 +24,7 @@ from model.typed_config import ConfigError
 from stages.gallery import iter_output_samples
 from stages.synthetic_train import write_training_mixture
 from stages.train import (EvalHookConfig, StepStatus, TrainConfig, WorkerContext, fit,
-                          load_train_config, lr_factor, make_optimizer, milestones, model_config,
-                          param_groups, train_step, ModelEma)
+                          load_train_config, model_config, train_step)
 from stages.train_data import TrainStream
 from stages.train_state import CheckpointStore, read_metrics
 
@@ -96,67 +95,6 @@ def test_config_yaml_overrides_and_errors(mixture, tmp_path):
         train_config(mixture, tmp_path, "init=checkpoint")
     with pytest.raises(ConfigError, match="output is empty"):
         load_train_config(None, ["data.sources.x={kind: pseudo, shards: [a.tar]}"])
-
-
-# ------------------------------------------------------------------------------------ solver
-def test_param_groups_follow_the_official_rules(tiny_random, mixture):
-    cfg = train_config(mixture, "/unused", "lr=0.01", "lang_lr=0.001", "weight_decay=0.05")
-    model = tiny_random
-    for p in model.backbone.parameters():                 # frozen tensors are left out
-        p.requires_grad_(False)
-    try:
-        groups = param_groups(model, cfg)
-        by_name = {n: g for g in groups for n in g["names"]}
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert set(by_name) == trainable and sum(len(g["names"]) for g in groups) == len(trainable)
-        assert not any(n.startswith("backbone.") for n in by_name)
-        assert [g["group"] for g in groups] == ["base", "base_bias", "language", "language_bias"]
-        expect = {"base": (0.01, 0.05), "base_bias": (0.02, 0.0), "language": (0.001, 0.05),
-                  "language_bias": (0.002, 0.0)}
-        for name, group in by_name.items():
-            language, bias = name.startswith("language."), "bias" in name
-            key = ("language" if language else "base") + ("_bias" if bias else "")
-            assert group["group"] == key, name
-            assert (group["lr"], group["weight_decay"]) == pytest.approx(expect[key]), name
-        # the official rule is a substring match: the head's bias_lang / bias0 count as biases,
-        # the head's own BERT layers are not the language backbone
-        assert by_name["head.bias_lang"]["group"] == by_name["head.bias0"]["group"] == "base_bias"
-        assert any(n.startswith("head.blocks.0.text_layer.") and by_name[n]["group"] == "base"
-                   for n in by_name)
-        assert by_name["language.model.embeddings.LayerNorm.weight"]["group"] == "language"
-        optimizer = make_optimizer(groups)
-        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.02, 0.001, 0.002])
-    finally:
-        for p in model.backbone.parameters():
-            p.requires_grad_(True)
-
-
-def test_lr_schedule_warmup_then_steps():
-    cfg = TrainConfig(output="x", max_iter=10000, warmup_iters=2000, warmup_factor=0.001, steps=(0.67, 0.89))
-    assert milestones(cfg) == [6700, 8900]
-    expected = {0: 0.001, 1: 0.001 * (1 - 1 / 2000) + 1 / 2000, 1000: 0.5005, 1999: 0.001 * (1 / 2000) + 1999 / 2000,
-                2000: 1.0, 6699: 1.0, 6700: 0.1, 8899: 0.1, 8900: 0.01, 9999: 0.01}
-    for step, factor in expected.items():
-        assert lr_factor(step, cfg) == pytest.approx(factor, rel=1e-12), step
-    short = TrainConfig(output="x", max_iter=12, warmup_iters=0, steps=(0.5,), gamma=0.5)
-    assert [lr_factor(s, short) for s in (0, 5, 6, 11)] == [1.0, 1.0, 0.5, 0.5]
-
-
-def test_ema_is_the_official_moving_average():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = ModelEma(model, decay=0.9)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        model[0].weight.add_(1.0)
-        model[1].num_batches_tracked.fill_(7)
-    ema.update(model)
-    assert torch.allclose(ema.state["0.weight"], 0.9 * start["0.weight"] + 0.1 * (start["0.weight"] + 1))
-    assert torch.equal(ema.state["0.bias"], start["0.bias"])
-    assert int(ema.state["1.num_batches_tracked"]) == 7           # integer buffers are copied
-    other = ModelEma(model, 0.9)
-    other.load_state_dict(ema.state_dict())
-    assert all(torch.equal(other.state[k], ema.state[k]) for k in ema.state)
 
 
 # ------------------------------------------------------------------------------------ data
