@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from pathlib import Path
@@ -90,6 +91,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}{_where(source)}: expected a mapping, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2:
+            return {_coerce(args[0], k, f"{key} (a key)", source): _coerce(args[1], v, f"{key}.{k}", source)
+                    for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -102,6 +107,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
+            return float(value)         # YAML 1.1 reads 3e-4 (no dot) as a string
         raise ConfigError(f"{key}{_where(source)}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -111,6 +118,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
         return value
     raise ConfigError(f"{key}{_where(source)}: cannot read {value!r} as {_type_name(tp)}")
 
+
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 T = typing.TypeVar("T")
 

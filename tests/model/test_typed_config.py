@@ -20,6 +20,7 @@ class Inner:
     size: int = 3
     ratio: float = 0.5
     sizes: tuple[int, ...] = (1, 2)
+    factors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,6 +66,21 @@ def test_int_is_accepted_for_float_but_not_bool_for_int():
     assert from_dict(Inner, {"ratio": 1}).ratio == 1.0
     with pytest.raises(ConfigError):
         from_dict(Inner, {"size": True})
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # YAML 1.1 reads `3e-4` as a string; a user writing lr=3e-4 means the number
+    assert load(Inner, None, ["ratio=3e-4"]).ratio == pytest.approx(3e-4)
+    assert load(Inner, None, ["ratio=-2E+1"]).ratio == -20.0
+    for bad in ("fast", "3e", "1e-4x", ".", "nan"):
+        with pytest.raises(ConfigError, match="ratio in overrides: expected a number"):
+            load(Inner, None, [f"ratio={bad}"])
+
+
+def test_typed_mapping_values_are_coerced_and_named():
+    assert load(Inner, None, ["factors={a.b: 1e1, c: 2}"]).factors == {"a.b": 10.0, "c": 2.0}
+    with pytest.raises(ConfigError, match="factors.a in overrides: expected a number, got 'x'"):
+        load(Inner, None, ["factors={a: x}"])
 
 
 def test_overrides_are_parsed_as_yaml_and_dotted():
