@@ -6,17 +6,15 @@ it completes, so finished bytes are written straight to the final name.
 """
 from __future__ import annotations
 
-import glob as _glob
 import hashlib
 import json
-import os
-import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
+
+from stages.folder import Folder
 
 
 class StorageError(RuntimeError):
@@ -66,52 +64,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass
-class OutputDir:
-    """A folder (local path or fsspec URL) that receives committed files atomically."""
+class OutputDir(Folder):
+    """A folder (local path or fsspec URL) that receives committed files atomically
+    (``stages.folder.Folder``); errors are ``StorageError``s that name the output."""
 
-    url: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.fs, self.root = url_to_fs(self.url, **self.storage_options)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.local = protocol in ("file", "local")
-
-    def path(self, name: str) -> str:
-        return f"{self.root.rstrip('/')}/{name}"
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        super().__init__(url, storage_options)
 
     def ensure(self) -> None:
         try:
-            if self.local:
-                os.makedirs(self.root, exist_ok=True)
-            elif not self.fs.exists(self.root):
-                self.fs.makedirs(self.root, exist_ok=True)
+            super().ensure()
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot create output {self.url}: {type(exc).__name__}: {exc}") from exc
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write ``name`` so that readers see either nothing or all of ``data``."""
-        final = self.path(name)
-        if self.local:
-            tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        else:
-            self.fs.pipe_file(final, data)
-
-    def write_json(self, name: str, obj: Any) -> None:
-        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-    def read_bytes(self, name: str) -> bytes | None:
-        try:
-            with self.fs.open(self.path(name), "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return None
 
     def read_json(self, name: str) -> Any | None:
         data = self.read_bytes(name)
@@ -122,24 +86,6 @@ class OutputDir:
         except json.JSONDecodeError as exc:
             raise StorageError(f"{self.url}/{name} is not valid JSON ({exc}); it was not written "
                                "by this tool or is damaged: move it away and rerun") from exc
-
-    def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
-
-    def remove_stale_temporaries(self) -> int:
-        """Delete ``.*.tmp`` files a crashed run left behind (local only); returns how many."""
-        if not self.local:
-            return 0
-        stale = _glob.glob(os.path.join(self.root, ".*.tmp"))
-        for path in stale:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-        return len(stale)
-
-    def list(self, pattern: str) -> list[str]:
-        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(self.path(pattern)))
 
 
 def open_input(url: str, storage_options: dict[str, Any] | None = None):

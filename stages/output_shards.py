@@ -23,7 +23,6 @@ import json
 import lzma
 import math
 import os
-import posixpath
 import tarfile
 import uuid
 import zlib
@@ -33,6 +32,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from stages.schema import IMAGE_EXTENSIONS
+from stages.shards import EndAwareTarInfo, split_member_name
 
 __all__ = ["OutputSample", "read_output_samples", "iter_output_samples", "check_record",
            "filter_record", "shard_label", "OutputFolder"]
@@ -112,25 +112,6 @@ def check_record(record: Any, where: str) -> None:
                         f"got {scores!r:.60}")
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    dirname, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return (posixpath.join(dirname, stem) if dirname else stem), ext.lower()
-
-
-class _EndAwareTarInfo(tarfile.TarInfo):
-    """Records why the member list ended: ``tarfile`` stops silently both at the end-of-archive
-    marker (a clean end) and where the data simply stops (a truncated tar)."""
-
-    @classmethod
-    def fromtarfile(cls, tar):  # noqa: D102 - tarfile's own hook
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as exc:
-            tar._glip_end_reason = exc
-            raise
-
-
 def read_output_samples(source: bytes | bytearray | memoryview | IO[bytes],
                         name: str = "output shard") -> Iterator[tuple[dict, bytes, str]]:
     """Yield ``(record, image_bytes, image_ext)`` per key of one output shard, in tar order.
@@ -147,11 +128,11 @@ def read_output_samples(source: bytes | bytearray | memoryview | IO[bytes],
     pending: dict[str, dict[str, Any]] = {}
     done: set[str] = set()
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndAwareTarInfo) as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=EndAwareTarInfo) as tar:
             for member in tar:
                 if member.isdir():
                     continue
-                key, ext = _split_member(member.name)
+                key, ext = split_member_name(member.name)
                 if not member.isfile():
                     raise _fail(name, member.name, "not a regular file (link or device)")
                 if ext != "json" and ext not in IMAGE_EXTENSIONS:

@@ -61,7 +61,7 @@ from typing import IO, Iterator
 
 from stages.schema import IMAGE_EXTENSIONS, DropReason, Sample
 
-__all__ = ["ShardContents", "read_shard", "split_member_name", "output_key", "is_unsafe_name"]
+__all__ = ["ShardContents", "read_shard", "split_member_name", "output_key", "is_unsafe_name", "EndAwareTarInfo"]
 
 MAX_KEY_CHARS = 80
 DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
@@ -119,7 +119,7 @@ def output_key(key: str) -> str:
     return clean
 
 
-class _EndAwareTarInfo(tarfile.TarInfo):
+class EndAwareTarInfo(tarfile.TarInfo):
     """Records why the member list ended, so a tar cut at a member boundary is noticed.
 
     ``tarfile`` ends the iteration silently both at the end-of-archive marker (a zero block)
@@ -174,7 +174,7 @@ def read_shard(fileobj: IO[bytes], shard_name: str, source: str = "", *,
         return group
 
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndAwareTarInfo) as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=EndAwareTarInfo) as tar:
             for member in tar:
                 n_members += 1
                 name = member.name

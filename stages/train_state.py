@@ -37,13 +37,13 @@ import random
 import re
 import shutil
 import tempfile
-import uuid
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
-from fsspec.core import url_to_fs
+
+from stages.folder import Folder, join
 
 __all__ = ["CheckpointStore", "MetricsLog", "read_metrics", "write_json", "rng_state", "set_rng_state", "LATEST"]
 
@@ -53,80 +53,9 @@ LATEST = "checkpoint_latest"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
-def _join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}"
-
-
-class _Folder:
-    """A folder on local disk or fsspec with atomic whole-file writes."""
-
-    def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = url
-        self.fs, self.root = url_to_fs(url, **(storage_options or {}))
-        self.local = _is_local(self.fs)
-
-    def path(self, name: str) -> str:
-        return _join(self.root, name)
-
-    def ensure(self) -> None:
-        if self.local:
-            os.makedirs(self.root, exist_ok=True)
-        else:
-            self.fs.makedirs(self.root, exist_ok=True)
-
-    def write_with(self, name: str, writer) -> None:
-        """``writer(binary file)`` produces the bytes of ``name``; readers see all of it or nothing."""
-        self.ensure()
-        if self.local:
-            tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as fh:
-                    writer(fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path(name))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-            return
-        with tempfile.NamedTemporaryFile(suffix=".tmp") as fh:
-            writer(fh)
-            fh.flush()
-            self.fs.put_file(fh.name, self.path(name))
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        self.write_with(name, lambda fh: fh.write(data))
-
-    def read_bytes(self, name: str) -> bytes | None:
-        try:
-            with self.fs.open(self.path(name), "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return None
-
-    def names(self) -> list[str]:
-        try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
-        except FileNotFoundError:
-            return []
-
-    def remove(self, name: str) -> None:
-        try:
-            self.fs.rm(self.path(name))
-        except FileNotFoundError:
-            pass
-
-
 def write_json(output: str, name: str, obj: Any, storage_options: dict | None = None) -> None:
     """``OUTPUT/name`` = ``obj`` as indented JSON, written atomically."""
-    data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
-    _Folder(output, storage_options).write_bytes(name, data)
+    Folder(output, storage_options).write_json(name, obj)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -136,7 +65,7 @@ class CheckpointStore:
     def __init__(self, output: str, storage_options: dict | None = None, keep: int = 2):
         if keep < 0:
             raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {keep}")
-        self.folder = _Folder(_join(output, "checkpoints"), storage_options)
+        self.folder = Folder(join(output, "checkpoints"), storage_options)
         self.keep = keep
 
     @staticmethod
@@ -252,7 +181,7 @@ class MetricsLog:
 
     def __init__(self, output: str, storage_options: dict | None = None, resume_step: int | None = None,
                  tensorboard: bool = True):
-        self.out = _Folder(output, storage_options)
+        self.out = Folder(output, storage_options)
         self.out.ensure()
         self._stage = None if self.out.local else tempfile.mkdtemp(prefix="glip-train-metrics-")
         base = self.out.root if self.out.local else self._stage
@@ -306,5 +235,5 @@ class MetricsLog:
 
 def read_metrics(output: str, storage_options: dict | None = None) -> list[dict]:
     """The records of ``OUTPUT/metrics.jsonl`` (for reports and tests)."""
-    with fsspec.open(_join(output, "metrics.jsonl"), "r", **(storage_options or {})) as fh:
+    with fsspec.open(join(output, "metrics.jsonl"), "r", **(storage_options or {})) as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from stages.readers.common import (BoxConvention, as_box, as_dict, as_id, as_int_like, as_list,
                                    check_root, convert_boxes, fail, file_stem, image_ext,
-                                   join_root, load_json, read_bytes, sample_key)
-from stages.schema import DropReason, Sample
+                                   ImageSamples, join_root, load_json, sample_key)
+from stages.schema import Sample
 
 __all__ = ["CocoReaderConfig", "CocoImage", "CocoDetectionReader"]
 
@@ -83,7 +83,7 @@ class CocoImage:
     not_exhaustive_category_ids: list[int | str] | None = None
 
 
-class CocoDetectionReader:
+class CocoDetectionReader(ImageSamples):
     def __init__(self, config: CocoReaderConfig) -> None:
         config.validate()
         self.config = config
@@ -265,9 +265,6 @@ class CocoDetectionReader:
     def image_url(self, image: CocoImage) -> str:
         return join_root(self.config.image_root, image.file_name)
 
-    def read_image(self, image: CocoImage) -> bytes:
-        return read_bytes(self.image_url(image), self.config.storage_options)
-
     def to_sample(self, image: CocoImage, image_bytes: bytes | None = None) -> Sample:
         return Sample(
             key=sample_key(image.image_id), input_shard=self.source, source=self.source,
@@ -275,15 +272,3 @@ class CocoDetectionReader:
             width=image.width, height=image.height, boxes=image.boxes,
             meta={"image_id": image.image_id, "file_name": image.file_name,
                   "category_ids": list(image.category_ids)})
-
-    def samples(self, indices: Iterable[int] | None = None, read_images: bool = True) -> Iterator[Sample]:
-        """One ``Sample`` per image (all, or those at ``indices``), image bytes read lazily."""
-        for index in (range(len(self)) if indices is None else indices):
-            image = self[index]
-            sample = self.to_sample(image)
-            if read_images:
-                try:
-                    sample.image = self.read_image(image)
-                except FileNotFoundError as exc:
-                    sample.drop(DropReason.NO_IMAGE, f"{self.image_url(image)}: {exc}")
-            yield sample

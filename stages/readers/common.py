@@ -25,11 +25,13 @@ import os
 import posixpath
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
+
+from stages.schema import DropReason, Sample
 
 __all__ = ["DatasetFormatError", "BoxConvention", "xywh_to_xyxy", "xyxy_to_xywh", "convert_boxes",
            "load_json", "join_root", "check_root", "read_bytes", "sample_key", "image_ext"]
@@ -219,3 +221,24 @@ def file_stem(path: str) -> str:
         if base.endswith(suffix):
             return base[: -len(suffix)]
     return base
+
+
+class ImageSamples:
+    """What the COCO and MDETR readers share: ``samples()`` over their images. A reader provides
+    ``__len__``, ``__getitem__``, ``image_url(image)``, ``to_sample(image)`` and ``config.storage_options``."""
+
+    def read_image(self, image) -> bytes:
+        return read_bytes(self.image_url(image), self.config.storage_options)
+
+    def samples(self, indices: Iterable[int] | None = None, read_images: bool = True) -> Iterator[Sample]:
+        """One ``Sample`` per entry (all, or those at ``indices``), image bytes read lazily; a
+        missing image file gives a sample dropped as ``no_image`` (named), not an exception."""
+        for index in (range(len(self)) if indices is None else indices):
+            image = self[index]
+            sample = self.to_sample(image)
+            if read_images:
+                try:
+                    sample.image = self.read_image(image)
+                except FileNotFoundError as exc:
+                    sample.drop(DropReason.NO_IMAGE, f"{self.image_url(image)}: {exc}")
+            yield sample

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from stages.readers.common import (BoxConvention, as_box, as_dict, as_id, as_int_like, as_list,
                                    as_span, check_root, convert_boxes, fail, file_stem, image_ext,
-                                   join_root, load_json, read_bytes, sample_key, xywh_to_xyxy)
-from stages.schema import DropReason, Phrase, Sample
+                                   ImageSamples, join_root, load_json, sample_key, xywh_to_xyxy)
+from stages.schema import Phrase, Sample
 
 __all__ = ["MdetrReaderConfig", "MdetrImage", "PhraseTarget", "MdetrGroundingReader"]
 
@@ -98,7 +98,7 @@ class PhraseTarget:
 _EVAL_FIELDS = ("sentence_id", "original_img_id", "tokens_positive_eval", "dataset_name", "data_source")
 
 
-class MdetrGroundingReader:
+class MdetrGroundingReader(ImageSamples):
     def __init__(self, config: MdetrReaderConfig) -> None:
         config.validate()
         self.config = config
@@ -242,9 +242,6 @@ class MdetrGroundingReader:
     def image_url(self, image: MdetrImage) -> str:
         return join_root(image.image_root, image.file_name)
 
-    def read_image(self, image: MdetrImage) -> bytes:
-        return read_bytes(self.image_url(image), self.config.storage_options)
-
     def to_sample(self, image: MdetrImage, image_bytes: bytes | None = None) -> Sample:
         return Sample(
             key=sample_key(image.image_id), input_shard=self.source, source=self.source,
@@ -252,18 +249,6 @@ class MdetrGroundingReader:
             caption=image.caption, width=image.width, height=image.height,
             phrases=image.phrases, boxes=image.boxes, tokens_positive=image.tokens_positive,
             meta={"image_id": image.image_id, "file_name": image.file_name, **image.meta})
-
-    def samples(self, indices: Iterable[int] | None = None, read_images: bool = True) -> Iterator[Sample]:
-        """One grounding ``Sample`` per caption entry, image bytes read lazily."""
-        for index in (range(len(self)) if indices is None else indices):
-            image = self[index]
-            sample = self.to_sample(image)
-            if read_images:
-                try:
-                    sample.image = self.read_image(image)
-                except FileNotFoundError as exc:
-                    sample.drop(DropReason.NO_IMAGE, f"{self.image_url(image)}: {exc}")
-            yield sample
 
     def grounding_targets(self) -> list[PhraseTarget]:
         """Per evaluation phrase (images with ``tokens_positive_eval``), its ground-truth boxes."""

@@ -1,0 +1,123 @@
+"""A folder on local disk or any fsspec store whose whole-file writes are atomic.
+
+Readers see a file complete or not at all. Locally a file is written under a hidden temporary
+name in the same folder (``.NAME.UUID.tmp``), flushed to disk and renamed (atomic on POSIX); a
+killed writer leaves only such temporaries, which ``remove_stale_temporaries`` deletes. On an
+object store (s3://, gs://) an object becomes visible only when its upload completes, so the
+bytes go straight to the final name (streamed writers are staged in a local temporary file).
+
+The trainer's checkpoints (``stages.train_state``) and the pipeline's outputs
+(``pipeline.storage.OutputDir``) both write through this class.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import uuid
+from typing import IO, Any, Callable
+
+from fsspec.core import url_to_fs
+
+__all__ = ["Folder", "is_local", "join"]
+
+
+def is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+class Folder:
+    """``url``: a local path or an fsspec URL; ``storage_options`` go to fsspec."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = url_to_fs(url, **self.storage_options)
+        self.local = is_local(self.fs)
+
+    def path(self, name: str) -> str:
+        return join(self.root, name)
+
+    def ensure(self) -> None:
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+        elif not self.fs.exists(self.root):
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def write_with(self, name: str, writer: Callable[[IO[bytes]], Any]) -> None:
+        """``writer(binary file)`` produces the bytes of ``name``; readers see all of it or nothing."""
+        self.ensure()
+        if self.local:
+            tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as fh:
+                    writer(fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path(name))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            return
+        with tempfile.NamedTemporaryFile(suffix=".tmp") as fh:
+            writer(fh)
+            fh.flush()
+            self.fs.put_file(fh.name, self.path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` so that readers see either nothing or all of ``data``."""
+        if self.local:
+            self.write_with(name, lambda fh: fh.write(data))
+        else:
+            self.ensure()
+            self.fs.pipe_file(self.path(name), data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        try:
+            with self.fs.open(self.path(name), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def names(self) -> list[str]:
+        """The names directly in the folder (sorted; [] when the folder does not exist)."""
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def list(self, pattern: str) -> list[str]:
+        """Names matching the glob ``pattern`` (sorted)."""
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(self.path(pattern)))
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.rm(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete the ``.*.tmp`` files a killed writer left behind (local only); returns how many."""
+        if not self.local:
+            return 0
+        stale = glob.glob(os.path.join(self.root, ".*.tmp"))
+        for path in stale:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        return len(stale)
