@@ -11,6 +11,7 @@ with the seed; nothing in it is made up or tuned after the fact.
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
@@ -23,6 +24,11 @@ from model.typed_config import from_dict, merge_overrides, read_yaml, to_dict
 log = logging.getLogger("pipeline.selftrain")
 
 
+class StudentInit(str, enum.Enum):
+    TEACHER = "teacher"                       # the student (and the control) continue from the teacher
+    PRETRAINED_PARTS = "pretrained_parts"     # both start where the teacher started
+
+
 @dataclass
 class SelfTrainConfig:
     workdir: str = "out/selftrain"
@@ -30,7 +36,11 @@ class SelfTrainConfig:
     world_overrides: list[str] = field(default_factory=list)
     train: str = "configs/selftrain/train.yaml"          # base trainer config of both models
     teacher_overrides: list[str] = field(default_factory=list)
-    student_overrides: list[str] = field(default_factory=list)
+    student_overrides: list[str] = field(default_factory=list)   # the control's too
+    student_init: StudentInit = StudentInit.TEACHER
+    # the control: the student's recipe (init, steps, seed) without the pseudo source, so that
+    # student - control is what the pseudo labels add and not what more steps add
+    control: bool = True
     teacher_min_score: float = 0.3       # pseudo_label.min_score: boxes stored (with their scores)
     student_min_score: float = 0.4       # the student reads pseudo boxes scoring above this
     pseudo_weight: float = 1.0           # mixture weight of the pseudo source for the student
@@ -71,6 +81,12 @@ def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig) -> dict[str
         sources["pseudo"] = {"kind": "pseudo", "weight": cfg.pseudo_weight, "shards": [pseudo_shards],
                              "min_score": cfg.student_min_score}
     return sources
+
+
+def _student_init(cfg: SelfTrainConfig, teacher_model: str) -> list[str]:
+    if cfg.student_init is StudentInit.TEACHER:
+        return ["init=checkpoint", f"init_checkpoint={teacher_model}"]
+    return []
 
 
 def _train(cfg: SelfTrainConfig, name: str, out: Path, sources: dict, overrides: list[str]) -> dict:
@@ -147,35 +163,83 @@ def _loss_plot(runs: dict[str, Path], path: Path) -> str | None:
     return path.name
 
 
+def _pseudo_quality(world, pseudo: Path) -> dict | None:
+    """Pseudo labels vs the world's true boxes (analysis only: training never sees the truth)."""
+    from stages.output_shards import iter_output_samples
+    from stages.world_truth import load_truth, pseudo_label_quality
+
+    truth_file = Path(world.root) / "web_truth.json"
+    if not truth_file.exists():
+        return None
+    truth, rare = load_truth(truth_file)
+    records = ((s.shard, s.record) for s in iter_output_samples(sorted(str(p) for p in pseudo.glob("*.tar"))))
+    return pseudo_label_quality(records, truth, rare)
+
+
+def _quality_lines(quality: dict | None, min_score: float) -> list[str]:
+    if not quality:
+        return []
+    lines = ["Scored against the world's true boxes (`web_truth.json`, which training never reads): a "
+             "pseudo box is correct when it overlaps the object its phrase names with IoU ≥ 0.5.", "",
+             "| classes | pseudo boxes | correct | precision | mentioned objects | recall |", "|---|---|---|---|---|---|"]
+    for group in ("rare", "common"):
+        q = quality[group]
+        lines.append(f"| {group} | {q['boxes']} | {q['correct']} | {_fmt(q['precision'])} | {q['mentioned']} | "
+                     f"{_fmt(q['recall'])} |")
+    return lines + ["", f"(All stored boxes, score ≥ {min_score}; {quality['unmatched']} more ground phrases "
+                        "that name no object, such as scene phrases.)", ""]
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def _metric_rows(results: dict) -> list[tuple[str, dict]]:
+    """(label, {model: value}) per reported metric."""
+    rows = []
+    for label, key in (("AP", "AP"), ("AP50", "AP50"), ("APr (rare)", "APr"), ("APc", "APc"), ("APf", "APf")):
+        rows.append((label, {m: r["detection"].get(key) for m, r in results.items()}))
+    for proto in ("any_box", "merged_box"):
+        rows.append((f"R@1 {proto}", {m: _recall(r["grounding"], proto) for m, r in results.items()}))
+    return rows
+
+
+def _diff(a, b) -> str:
+    return "n/a" if a is None or b is None else f"{100 * (a - b):+.1f}"
+
+
+def _verdict(results: dict, base: str, what: str) -> str:
+    s_ap, b_ap = results["student"]["detection"].get("AP"), results[base]["detection"].get("AP")
+    better = s_ap is not None and b_ap is not None and s_ap > b_ap
+    return f"The student's held-out AP {'exceeds' if better else 'does NOT exceed'} the {what}'s in this run."
+
+
 def _report(cfg: SelfTrainConfig, root: Path, results: dict, extras: dict) -> str:
-    keys = [("AP", "detection", "AP"), ("AP50", "detection", "AP50"), ("APr (rare)", "detection", "APr"),
-            ("APc", "detection", "APc"), ("APf", "detection", "APf")]
+    models = list(results)
+    bases = [m for m in ("teacher", "control") if m in results]
     lines = ["# Self-training in a miniature world", "",
              f"Seed {cfg.seed}. World: `{cfg.world}`; trainer: `{cfg.train}`; all numbers measured by "
              "`pipeline selftrain` in this run (held-out evaluation set, COCO-style AP ×100, "
              "grounding Recall@1 ×100).", "",
-             "| metric | teacher | student | student − teacher |", "|---|---|---|---|"]
-    for label, kind, key in keys:
-        t = results["teacher"][kind].get(key)
-        s = results["student"][kind].get(key)
-        diff = "n/a" if t is None or s is None else f"{100 * (s - t):+.1f}"
-        lines.append(f"| {label} | {_fmt(t)} | {_fmt(s)} | {diff} |")
-    for proto in ("any_box", "merged_box"):
-        t = _recall(results["teacher"]["grounding"], proto)
-        s = _recall(results["student"]["grounding"], proto)
-        diff = "n/a" if t is None or s is None else f"{100 * (s - t):+.1f}"
-        lines.append(f"| R@1 {proto} | {_fmt(t)} | {_fmt(s)} | {diff} |")
-    t_ap, s_ap = results["teacher"]["detection"].get("AP"), results["student"]["detection"].get("AP")
-    verdict = ("The student's held-out AP exceeds the teacher's." if (t_ap is not None and s_ap is not None and s_ap > t_ap)
-               else "The student's held-out AP does NOT exceed the teacher's in this run.")
-    lines += ["", verdict, "", "## Pseudo labels", "",
-              f"Web shards read {extras['label']['read']}, kept {extras['label']['kept']} "
+             "| metric | " + " | ".join(models) + " | " + " | ".join(f"student − {b}" for b in bases) + " |",
+             "|---" * (1 + len(models) + len(bases)) + "|"]
+    for label, values in _metric_rows(results):
+        lines.append(f"| {label} | " + " | ".join(_fmt(values[m]) for m in models) + " | "
+                     + " | ".join(_diff(values["student"], values[b]) for b in bases) + " |")
+    init = ("continue from the teacher's weights" if cfg.student_init is StudentInit.TEACHER
+            else "start from the pretrained parts, as the teacher did")
+    lines += ["", "- teacher: trained on the detection + grounding sets.",
+              f"- student: the teacher's trainer settings on detection + grounding + the pseudo-labelled web "
+              f"shards; its steps {init}."]
+    if "control" in results:
+        lines.append("- control: the student exactly (same initialisation, steps, seed) but without the pseudo "
+                     "source, so student − control is what the pseudo labels add, not what more steps add.")
+    lines += [""] + [_verdict(results, b, {"teacher": "teacher", "control": "control"}[b]) for b in bases]
+    lines += ["", "## Pseudo labels", "",
+              f"Web images read {extras['label']['read']}, kept {extras['label']['kept']} "
               f"(with ≥ 1 box scoring ≥ {cfg.teacher_min_score}), boxes {extras['label']['boxes']}; "
               f"the student reads boxes scoring > {cfg.student_min_score}.", ""]
+    lines += _quality_lines(extras.get("quality"), cfg.teacher_min_score)
     if extras.get("loss_plot"):
         lines += [f"![loss]({extras['loss_plot']})", ""]
     if extras.get("gallery"):
@@ -217,19 +281,26 @@ def selftrain(cfg: SelfTrainConfig) -> dict:
                     cfg.teacher_overrides)
     teacher_model = teacher.get("model_ema") or teacher["model"]
     label = timed("pseudo-label web shards", _label, cfg, world, teacher_model, root / "pseudo")
+    student_overrides = _student_init(cfg, teacher_model) + cfg.student_overrides
+    models = {"teacher": teacher_model}
+    if cfg.control:
+        control = timed("train control", _train, cfg, "control", root / "control", _sources(world, None, cfg),
+                        student_overrides)
+        models["control"] = control.get("model_ema") or control["model"]
     student = timed("train student", _train, cfg, "student", root / "student",
-                    _sources(world, str(root / "pseudo" / "*.tar"), cfg), cfg.student_overrides)
-    student_model = student.get("model_ema") or student["model"]
-    results = {"teacher": timed("evaluate teacher", _evaluate, cfg, world, "teacher", teacher_model, root / "eval"),
-               "student": timed("evaluate student", _evaluate, cfg, world, "student", student_model, root / "eval")}
-    extras = {"timings": timings, "label": label.totals}
-    extras["loss_plot"] = _loss_plot({"teacher": root / "teacher", "student": root / "student"}, root / "loss.png")
+                    _sources(world, str(root / "pseudo" / "*.tar"), cfg), student_overrides)
+    models["student"] = student.get("model_ema") or student["model"]
+    results = {name: timed(f"evaluate {name}", _evaluate, cfg, world, name, model, root / "eval")
+               for name, model in models.items()}
+    extras = {"timings": timings, "label": label.totals, "quality": _pseudo_quality(world, root / "pseudo")}
+    extras["loss_plot"] = _loss_plot({name: root / name for name in models}, root / "loss.png")
     gallery = api.show(str(root / "pseudo"), out=str(root / "gallery"), n=12)
     extras["gallery"] = str(Path("gallery") / "index.html") if gallery.get("shown") else None
     report = api.stats(str(root / "pseudo"), plot_dir=str(root / "plots"))
     extras["stats_plots"] = [str(Path("plots") / Path(p).name) for p in report.plots]
     (root / "REPORT.md").write_text(_report(cfg, root, results, extras))
-    out = {"config": to_dict(cfg), "results": results, "timings": timings, "report": str(root / "REPORT.md")}
+    out = {"config": to_dict(cfg), "results": results, "timings": timings, "pseudo_quality": extras["quality"],
+           "report": str(root / "REPORT.md")}
     (root / "results.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 

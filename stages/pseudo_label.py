@@ -47,6 +47,7 @@ class PseudoLabelConfig:
     min_score: float = 0.5
     nms_threshold: float | None = 0.6       # class-agnostic NMS across phrases; null disables
     max_boxes: int = 32                     # per image, best first
+    max_boxes_per_phrase: int = 0           # best first; 0 = no limit (a caption's "a red circle" is one object)
     batch_size: int = 8
     device: str = "auto"                    # auto = cuda when available, else cpu
     precision: Precision = Precision.AUTO
@@ -59,6 +60,20 @@ class PseudoLabelConfig:
             raise ValueError(f"pseudo_label.min_score must be in [0, 1], got {self.min_score}")
         if self.batch_size < 1 or self.max_boxes < 1:
             raise ValueError("pseudo_label.batch_size and pseudo_label.max_boxes must be >= 1")
+        if self.max_boxes_per_phrase < 0:
+            raise ValueError("pseudo_label.max_boxes_per_phrase must be >= 0 (0 = no limit)")
+
+
+def top_per_label(scores: list[float], labels: list[int], k: int) -> list[int]:
+    """Indices of the ``k`` best-scoring boxes of each label, best first overall (ties: input order)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order:
+        if taken.get(labels[i], 0) < k:
+            taken[labels[i]] = taken.get(labels[i], 0) + 1
+            keep.append(i)
+    return keep
 
 
 class PseudoLabel(BaseStage):
@@ -98,6 +113,7 @@ class PseudoLabel(BaseStage):
             "config_sha256": hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest(),
             "min_score": cfg.min_score,
             "nms_threshold": cfg.nms_threshold,
+            "max_boxes_per_phrase": cfg.max_boxes_per_phrase,
         }
         self._ready = True
 
@@ -129,7 +145,11 @@ class PseudoLabel(BaseStage):
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w - 1)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h - 1)
         keep = (scores >= cfg.min_score) & (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
-        boxes, scores, labels = boxes[keep][: cfg.max_boxes], scores[keep][: cfg.max_boxes], labels[keep][: cfg.max_boxes]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if cfg.max_boxes_per_phrase:
+            top = top_per_label(scores.tolist(), labels.tolist(), cfg.max_boxes_per_phrase)
+            boxes, scores, labels = boxes[top], scores[top], labels[top]
+        boxes, scores, labels = boxes[: cfg.max_boxes], scores[: cfg.max_boxes], labels[: cfg.max_boxes]
         sample.boxes = [[round(float(v), 2) for v in b] for b in boxes.tolist()]
         sample.scores = [round(float(s), 4) for s in scores.tolist()]
         sample.tokens_positive = [[list(sample.phrases[int(i)].span)] for i in labels.tolist()]

@@ -22,7 +22,8 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     selftrain(cfg)
     report = (tmp_path / "REPORT.md").read_text()
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    for model in ("teacher", "student"):
+    assert list(results) == ["teacher", "control", "student"]
+    for model in ("teacher", "control", "student"):
         ap = results[model]["detection"]["AP"]
         assert ap is not None and 0.0 <= ap <= 1.0
         assert f"{100 * ap:.1f}" in report
@@ -30,11 +31,24 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     assert label["read"] == label["kept"] + label["dropped"] and label["boxes"] > 0
     student_summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
     assert student_summary["step"] == 3
+    # student and control continue from the teacher's weights; the control never reads pseudo labels
+    for name in ("student", "control"):
+        config = json.loads((tmp_path / name / "train_config.json").read_text())
+        assert config["init"] == "checkpoint" and config["init_checkpoint"].endswith("teacher/model")
+    control_keys = [k for line in (tmp_path / "control" / "metrics.jsonl").read_text().splitlines()
+                    for batch in json.loads(line).get("keys", []) for k in batch]
+    assert control_keys and not any(k.startswith("pseudo/") for k in control_keys)
     # the student's mixture really drew pseudo-labelled samples
     keys = [k for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()
             for batch in json.loads(line).get("keys", []) for k in batch]
     assert any(k.startswith("pseudo/") for k in keys), keys
     assert (tmp_path / "loss.png").exists() and (tmp_path / "gallery" / "index.html").exists()
+    # the pseudo labels are scored against the world's truth, and the report says so
+    quality = json.loads((tmp_path / "results.json").read_text())["pseudo_quality"]
+    stored = sum(quality[g]["boxes"] for g in ("rare", "common")) + quality["unmatched"]
+    assert stored == label["boxes"]
+    assert quality["rare"]["mentioned"] > 0 and "| rare |" in report
     # rerunning skips every finished step
     again = selftrain(cfg)
-    assert again["timings"]["train teacher"] < 5 and again["timings"]["train student"] < 5
+    assert all(again["timings"][f"train {name}"] < 5 for name in ("teacher", "control", "student"))
+    assert "student − control" in report

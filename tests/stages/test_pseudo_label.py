@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from stages.ingest import Ingest, IngestConfig
-from stages.pseudo_label import PseudoLabel, PseudoLabelConfig
+from stages.pseudo_label import PseudoLabel, PseudoLabelConfig, top_per_label
 from stages.schema import DropReason, Phrase, Sample
 
 
@@ -81,6 +81,33 @@ def test_labels_reference_the_phrases_and_respect_thresholds(stage, tiny_teacher
     s2 = _sample("b", data)
     strict([s2])
     assert not s2.kept and s2.drop_reason is DropReason.NO_BOXES
+
+
+def test_max_boxes_per_phrase_keeps_each_phrases_best(stage, tiny_teacher, teacher_overrides):
+    data, _ = _jpeg()
+    every = _sample("all", data)
+    stage([every])
+    assert every.kept
+    one = PseudoLabel(PseudoLabelConfig(checkpoint=str(tiny_teacher), model_overrides=teacher_overrides,
+                                        min_score=0.05, max_boxes_per_phrase=1))
+    s = _sample("one", data)
+    one([s])
+    spans = [tuple(tp[0]) for tp in s.tokens_positive]
+    assert len(spans) == len(set(spans)) >= 1                      # one box per phrase at most
+    # each phrase keeps exactly its best box of the unlimited run
+    best = {}
+    for box, score, tp in zip(every.boxes, every.scores, every.tokens_positive):
+        best.setdefault(tuple(tp[0]), (box, score))
+    assert {sp: (b, sc) for sp, b, sc in zip(spans, s.boxes, s.scores)} == best
+    assert s.labeler["max_boxes_per_phrase"] == 1
+
+
+def test_top_per_label_properties():
+    assert top_per_label([], [], 1) == []
+    scores, labels = [0.2, 0.9, 0.5, 0.7, 0.1], [0, 1, 0, 1, 2]
+    assert top_per_label(scores, labels, 1) == [1, 2, 4]
+    assert top_per_label(scores, labels, 2) == [1, 3, 2, 0, 4]
+    assert top_per_label(scores, labels, 9) == sorted(range(5), key=lambda i: -scores[i])
 
 
 def test_output_is_deterministic_and_batched_equals_single(stage):

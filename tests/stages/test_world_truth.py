@@ -1,0 +1,54 @@
+"""Pseudo labels scored against the world's truth: hand-counted cases and a real world."""
+from __future__ import annotations
+
+import pytest
+
+from stages.world_truth import load_truth, pseudo_label_quality
+
+TRUTH = {
+    ("00000", "a"): {"objects": [
+        {"name": "moon", "bbox": [10, 10, 20, 20], "mentioned": True, "span": [0, 6]},
+        {"name": "circle", "bbox": [50, 50, 10, 10], "mentioned": True, "span": [11, 19]},
+        {"name": "star", "bbox": [0, 60, 10, 10], "mentioned": False, "span": None}]},
+    ("00001", "b"): {"objects": [
+        {"name": "circle", "bbox": [0, 0, 40, 40], "mentioned": True, "span": [0, 8]}]},
+}
+
+
+def test_counts_follow_the_definition():
+    records = [
+        ("00000", {"key": "a", "boxes": [[10, 10, 29, 29], [50, 50, 70, 70], [0, 0, 5, 5]],
+                   "tokens_positive": [[[0, 6]], [[11, 19]], [[30, 37]]]}),
+        ("00001", {"key": "b", "boxes": [[20, 20, 60, 60]], "tokens_positive": [[[0, 8]]]}),
+    ]
+    q = pseudo_label_quality(records, TRUTH, rare={"moon"})
+    assert q["rare"] == {"boxes": 1, "correct": 1, "mentioned": 1, "precision": 1.0, "recall": 1.0}
+    # the circle of "a": 11x11 true box vs 20x20 pseudo box, IoU 0.3; "b": IoU 20*20/(1600+1600-400) < 0.5
+    assert q["common"] == {"boxes": 2, "correct": 0, "mentioned": 2, "precision": 0.0, "recall": 0.0}
+    assert q["unmatched"] == 1
+
+
+def test_no_labels_and_unknown_images():
+    q = pseudo_label_quality([], TRUTH, rare={"moon"})
+    assert q["rare"]["precision"] is None and q["rare"]["recall"] == 0.0 and q["common"]["mentioned"] == 2
+    with pytest.raises(KeyError, match="00009/zz is not a web image"):
+        pseudo_label_quality([("00009", {"key": "zz"})], TRUTH, rare=set())
+
+
+def test_the_truths_own_boxes_are_all_correct(tmp_path):
+    from stages.world import WorldConfig, build_world
+    from model.typed_config import load
+    cfg = load(WorldConfig, "configs/world/test.yaml")
+    build_world(tmp_path / "w", cfg)
+    truth, rare = load_truth(tmp_path / "w" / "web_truth.json")
+    assert rare == set(cfg.rare_classes)
+    records = []
+    for (shard, key), sample in truth.items():
+        said = [o for o in sample["objects"] if o["span"]]
+        records.append((shard, {"key": key,
+                                "boxes": [[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2] - 1,
+                                           o["bbox"][1] + o["bbox"][3] - 1] for o in said],
+                                "tokens_positive": [[o["span"]] for o in said]}))
+    q = pseudo_label_quality(records, truth, rare)
+    for group in ("rare", "common"):
+        assert q[group]["precision"] == 1.0 and q[group]["recall"] == 1.0, q
