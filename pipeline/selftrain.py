@@ -66,7 +66,7 @@ def _world(cfg: SelfTrainConfig, root: Path):
     wcfg = load(WorldConfig, cfg.world, cfg.world_overrides + [f"seed={cfg.seed}"])
     manifest, built = ensure_world(root / "world", wcfg)
     log.info("world %s (%s)", root / "world", "built" if built else "reused")
-    return manifest
+    return manifest, built
 
 
 def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig) -> dict[str, Any]:
@@ -95,7 +95,7 @@ def _train(cfg: SelfTrainConfig, name: str, out: Path, sources: dict, overrides:
     done = out / "train_summary.json"
     if done.exists() and (out / "model").exists():
         log.info("%s: already trained (%s)", name, out)
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "reused": True}
     job = load_train_job(cfg.train, [f"output={out}", f"seed={cfg.seed}", f"progress={str(cfg.progress).lower()}",
                                      f"data.sources={json.dumps(sources)}", *overrides])
     log.info("%s: training %d steps", name, job.max_iter)
@@ -248,7 +248,8 @@ def _report(cfg: SelfTrainConfig, root: Path, results: dict, extras: dict) -> st
         lines.append(f"![{Path(plot).stem}]({plot})")
     lines += ["", "## Steps and timings", ""]
     for step, seconds in extras["timings"].items():
-        lines.append(f"- {step}: {seconds:.0f} s")
+        note = " (output of an earlier run, reused)" if step in extras.get("reused", ()) else ""
+        lines.append(f"- {step}: {seconds:.0f} s{note}")
     return "\n".join(lines) + "\n"
 
 
@@ -276,11 +277,14 @@ def selftrain(cfg: SelfTrainConfig) -> dict:
         timings[step] = time.time() - t
         return value
 
-    world = timed("world", _world, cfg, root)
+    world, built = timed("world", _world, cfg, root)
+    reused = set() if built else {"world"}
     teacher = timed("train teacher", _train, cfg, "teacher", root / "teacher", _sources(world, None, cfg),
                     cfg.teacher_overrides)
     teacher_model = teacher.get("model_ema") or teacher["model"]
     label = timed("pseudo-label web shards", _label, cfg, world, teacher_model, root / "pseudo")
+    if not label.commits:
+        reused.add("pseudo-label web shards")
     student_overrides = _student_init(cfg, teacher_model) + cfg.student_overrides
     models = {"teacher": teacher_model}
     if cfg.control:
@@ -290,9 +294,12 @@ def selftrain(cfg: SelfTrainConfig) -> dict:
     student = timed("train student", _train, cfg, "student", root / "student",
                     _sources(world, str(root / "pseudo" / "*.tar"), cfg), student_overrides)
     models["student"] = student.get("model_ema") or student["model"]
+    reused |= {f"train {n}" for n, summary in (("teacher", teacher), ("student", student)) if summary.get("reused")}
+    if cfg.control and control.get("reused"):
+        reused.add("train control")
     results = {name: timed(f"evaluate {name}", _evaluate, cfg, world, name, model, root / "eval")
                for name, model in models.items()}
-    extras = {"timings": timings, "label": label.totals, "quality": _pseudo_quality(world, root / "pseudo")}
+    extras = {"timings": timings, "reused": reused, "label": label.totals, "quality": _pseudo_quality(world, root / "pseudo")}
     extras["loss_plot"] = _loss_plot({name: root / name for name in models}, root / "loss.png")
     gallery = api.show(str(root / "pseudo"), out=str(root / "gallery"), n=12)
     extras["gallery"] = str(Path("gallery") / "index.html") if gallery.get("shown") else None

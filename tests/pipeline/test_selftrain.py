@@ -3,6 +3,7 @@ student -> evaluation of both -> REPORT.md (a few steps each: this checks the lo
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -52,3 +53,6 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     again = selftrain(cfg)
     assert all(again["timings"][f"train {name}"] < 5 for name in ("teacher", "control", "student"))
     assert "student − control" in report
+    rerun_report = (tmp_path / "REPORT.md").read_text()
+    for step in ("world", "train teacher", "pseudo-label web shards", "train control", "train student"):
+        assert re.search(rf"- {step}: \d+ s \(output of an earlier run, reused\)", rerun_report), step
