@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from model import typed_config
 from model.criterion import GLIPCriterion
 from model.typed_config import ConfigError
 from stages.gallery import iter_output_samples
 from stages.synthetic_train import write_training_mixture
-from stages.train import (EvalHookConfig, StepStatus, TrainConfig, WorkerContext, fit,
-                          load_train_config, model_config, train_step)
+from stages.train import (EvalHookConfig, ModelEma, StepStatus, TrainConfig, WorkerContext, fit,
+                          load_train_config, lr_factor, make_optimizer, model_config, param_groups,
+                          train_step)
 from stages.train_data import TrainStream
 from stages.train_state import CheckpointStore, read_metrics
 
@@ -83,7 +83,7 @@ def test_config_yaml_overrides_and_errors(mixture, tmp_path):
 
     with pytest.raises(ConfigError, match=r"data\.sources\.o365\.kind.*'coco', 'mdetr', 'pseudo'"):
         train_config(mixture, tmp_path, "data.sources.o365.kind=voc")
-    with pytest.raises(ConfigError, match=r"data\.sources\.goldg: annotations is empty"):
+    with pytest.raises(ConfigError, match=r"data\.sources\.goldg in \S*tiny_mixture\.yaml.*: annotations is empty"):
         train_config(mixture, tmp_path, "data.sources.goldg.annotations=")
     with pytest.raises(ConfigError, match=r"unknown key data\.sources\.cc\.min_scor"):
         train_config(mixture, tmp_path, "data.sources.cc.min_scor=0.3")
