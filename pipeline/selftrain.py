@@ -297,6 +297,9 @@ def selftrain(cfg: SelfTrainConfig) -> dict:
     reused |= {f"train {n}" for n, summary in (("teacher", teacher), ("student", student)) if summary.get("reused")}
     if cfg.control and control.get("reused"):
         reused.add("train control")
+    for name in models:
+        if all((root / "eval" / f"{name}_{kind}_metrics.json").exists() for kind in ("detection", "grounding")):
+            reused.add(f"evaluate {name}")
     results = {name: timed(f"evaluate {name}", _evaluate, cfg, world, name, model, root / "eval")
                for name, model in models.items()}
     extras = {"timings": timings, "reused": reused, "label": label.totals, "quality": _pseudo_quality(world, root / "pseudo")}

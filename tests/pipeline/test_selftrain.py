@@ -54,5 +54,6 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     assert all(again["timings"][f"train {name}"] < 5 for name in ("teacher", "control", "student"))
     assert "student − control" in report
     rerun_report = (tmp_path / "REPORT.md").read_text()
-    for step in ("world", "train teacher", "pseudo-label web shards", "train control", "train student"):
+    for step in ("world", "train teacher", "pseudo-label web shards", "train control", "train student",
+                 "evaluate teacher", "evaluate control", "evaluate student"):
         assert re.search(rf"- {step}: \d+ s \(output of an earlier run, reused\)", rerun_report), step
