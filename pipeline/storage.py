@@ -7,7 +7,6 @@ it completes, so finished bytes are written straight to the final name.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 import fsspec
@@ -68,24 +67,13 @@ class OutputDir(Folder):
     """A folder (local path or fsspec URL) that receives committed files atomically
     (``stages.folder.Folder``); errors are ``StorageError``s that name the output."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        super().__init__(url, storage_options)
+    error = StorageError
 
     def ensure(self) -> None:
         try:
             super().ensure()
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot create output {self.url}: {type(exc).__name__}: {exc}") from exc
-
-    def read_json(self, name: str) -> Any | None:
-        data = self.read_bytes(name)
-        if data is None:
-            return None
-        try:
-            return json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise StorageError(f"{self.url}/{name} is not valid JSON ({exc}); it was not written "
-                               "by this tool or is damaged: move it away and rerun") from exc
 
 
 def open_input(url: str, storage_options: dict[str, Any] | None = None):

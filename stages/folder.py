@@ -35,6 +35,8 @@ def join(root: str, name: str) -> str:
 class Folder:
     """``url``: a local path or an fsspec URL; ``storage_options`` go to fsspec."""
 
+    error: type[Exception] = ValueError      # raised for a damaged file (subclasses narrow it)
+
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = url
         self.storage_options = dict(storage_options or {})
@@ -89,6 +91,18 @@ class Folder:
                 return fh.read()
         except FileNotFoundError:
             return None
+
+    def read_json(self, name: str, fix: str = "move it away and rerun") -> Any | None:
+        """The parsed file, or None when it does not exist; a damaged file raises ``self.error``
+        naming the file and ``fix``."""
+        data = self.read_bytes(name)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise self.error(f"{self.url}/{name} is not valid JSON ({exc}); it was not written by this "
+                             f"tool or is damaged: {fix}") from None
 
     def exists(self, name: str) -> bool:
         return self.fs.exists(self.path(name))

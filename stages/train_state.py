@@ -78,14 +78,7 @@ class CheckpointStore:
         return sorted(found)
 
     def pointer(self) -> dict | None:
-        data = self.folder.read_bytes(LATEST)
-        if data is None:
-            return None
-        try:
-            return json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.folder.url}/{LATEST} is not valid JSON ({exc}); it was not written by "
-                             "the trainer: move it away and resume again") from None
+        return self.folder.read_json(LATEST, fix="move it away and resume again")
 
     def latest(self) -> str | None:
         """The file name of the newest complete checkpoint, or None."""

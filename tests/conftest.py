@@ -115,3 +115,15 @@ def run_until_committed(kill_tree):
         return committed
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's in-process training: on 2 shared cores two
+    threads spin against the other jobs. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,7 @@ CONFIG = REPO / "configs" / "train" / "tiny_mixture.yaml"
 MAX_ITER, CHECKPOINT_EVERY = 12, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for the in-process run (2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "train" / "tiny_mixture.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores two threads are much slower (and spin when the
-    other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
