@@ -18,6 +18,8 @@ Losses, for a batch of B images, N anchors, T tokens:
   only if that token is real, i.e. a caption that fills all 256 tokens. With prompts padded to
   the longest of the batch (T < 256) no caption reaches 256 tokens, so the official slot would
   be masked out and no NoObj target is set: both paddings give the official loss.
+  A target may carry ``ignore_tokens`` [T] bool: those tokens take no token loss in that image
+  (a pseudo caption's phrases the teacher found no box for; not in the official code).
 * ``loss_reg``: GIoU loss (1 - GIoU, official form without ``+1``) between the decoded
   predictions of the positive anchors and their boxes, weighted by the centerness target,
   summed, / (sum of centerness targets, averaged over workers). The box is taken as the
@@ -146,7 +148,7 @@ class GLIPCriterion(nn.Module):
         """outputs: the network's dict (``token_logits`` list of [B, N_l, T], ``box_regression``
         list of [B, 4A, H_l, W_l], ``centerness`` list of [B, A, H_l, W_l], ``anchors`` list of
         [N_l, 4]). targets: per image {``boxes``: [G, 4] xyxy in the network-input frame,
-        ``positive_map``: [G, T] binary token map}. text_mask: [B, T] attention mask (1 = token).
+        ``positive_map``: [G, T] binary token map, optional ``ignore_tokens``: [T] bool}. text_mask: [B, T] attention mask (1 = token).
 
         Returns {"loss_token", "loss_reg", "loss_centerness"}: unweighted scalar tensors.
         """
@@ -169,6 +171,10 @@ class GLIPCriterion(nn.Module):
             if pm.ndim != 2 or pm.shape[0] != g or pm.shape[1] != t:
                 raise ValueError(f"image {i}: positive_map has shape {tuple(pm.shape)}, expected [{g}, {t}] "
                                  "(one row per box, as wide as the token logits)")
+            ignore = tgt.get("ignore_tokens")
+            if ignore is not None and tuple(ignore.shape) != (t,):
+                raise ValueError(f"image {i}: ignore_tokens has shape {tuple(ignore.shape)}, expected [{t}] "
+                                 "(one flag per token of the logits)")
 
         boxes, valid = pad_boxes([tgt["boxes"].to(device) for tgt in targets])       # [B, G, 4]
         matched = atss_assign([an.to(device) for an in outputs["anchors"]], boxes, valid, self.topk)
@@ -184,7 +190,10 @@ class GLIPCriterion(nn.Module):
         # token loss over every (anchor, real token) pair
         tok_targets = token_targets(maps, matched, self.noobj_num_tokens)           # [B, N, T]
         focal = sigmoid_focal_loss(logits, tok_targets, self.alpha, self.gamma)
-        real = (text_mask.to(device) > 0)[:, None, :]
+        real = (text_mask.to(device) > 0)[:, None, :].clone()                      # [B, 1, T]
+        for i, tgt in enumerate(targets):
+            if tgt.get("ignore_tokens") is not None:
+                real[i, 0] &= ~tgt["ignore_tokens"].to(device=device, dtype=torch.bool)
         loss_token = torch.where(real, focal, torch.zeros_like(focal)).sum() / num_pos_avg
 
         # box losses over the positive anchors

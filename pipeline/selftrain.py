@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from model.typed_config import from_dict, merge_overrides, read_yaml, to_dict
+from stages.schema import UnlabelledPhrases
 
 log = logging.getLogger("pipeline.selftrain")
 
@@ -44,6 +45,12 @@ class SelfTrainConfig:
     teacher_min_score: float = 0.3       # pseudo_label.min_score: boxes stored (with their scores)
     student_min_score: float = 0.4       # the student reads pseudo boxes scoring above this
     pseudo_weight: float = 1.0           # mixture weight of the pseudo source for the student
+    # a caption phrase left without a box (> student_min_score): negative everywhere (official) or
+    # ignored by the token loss
+    unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE
+    # grounding and pseudo captions: up to this many other captions packed around each as
+    # negatives (official GoldG recipe, pack_random_caption_number); 0 = the caption alone
+    pack_captions: int = 0
     label_overrides: list[str] = field(default_factory=list)   # `pipeline run` key=value
     eval_batch_size: int = 8
     seed: int = 0
@@ -79,7 +86,11 @@ def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig) -> dict[str
     }
     if pseudo_shards:
         sources["pseudo"] = {"kind": "pseudo", "weight": cfg.pseudo_weight, "shards": [pseudo_shards],
-                             "min_score": cfg.student_min_score}
+                             "min_score": cfg.student_min_score, "unlabelled_phrases": cfg.unlabelled_phrases.value}
+    if cfg.pack_captions:
+        for name in ("grounding", "pseudo"):
+            if name in sources:
+                sources[name]["pack_captions"] = {"pack_random_caption_number": cfg.pack_captions}
     return sources
 
 

@@ -18,6 +18,10 @@ drawn from a ``numpy.random.Generator`` so a seed fixes every choice:
   stays within ``max_tokens`` (SAFEGUARD_POSITIVE_CAPTION); every packed caption ends with "."
   and they are joined by " "; the positive caption's spans are shifted.
 - ``screen_pseudo_labels``: FURTHER_SCREEN, boxes with ``score > min_score``.
+- ``unlabelled_phrase_spans``: the spans of a caption's noun phrases that no box grounds (after
+  screening): a pseudo source with ``unlabelled_phrases: ignore`` takes their tokens out of the
+  token loss instead of teaching "this phrase is nowhere" (not in the official code, which keeps
+  them as negatives everywhere).
 
 Deliberate differences from the official code, all on the safe side: a class dropped for
 positive overflow is never drawn back as a negative (the official only excludes the kept
@@ -311,3 +315,15 @@ def screen_pseudo_labels(sample: Sample, min_score: float) -> Sample:
         sample, boxes=[list(sample.boxes[i]) for i in keep],
         tokens_positive=[[list(s) for s in sample.tokens_positive[i]] for i in keep],
         scores=[float(sample.scores[i]) for i in keep], meta=dict(sample.meta))
+
+
+def unlabelled_phrase_spans(sample: Sample) -> list[list[int]]:
+    """The ``[begin, end)`` spans of ``sample.phrases`` that overlap no box's ``tokens_positive``.
+
+    For a pseudo-labelled caption these are the phrases the teacher found no confident box for:
+    their object is usually in the image, so their tokens are unknown rather than negative.
+    Order follows ``sample.phrases``; empty when every phrase is grounded or there are none.
+    """
+    grounded = [(int(s), int(e)) for spans in sample.tokens_positive for s, e in spans]
+    return [[int(p.span[0]), int(p.span[1])] for p in sample.phrases
+            if not any(s < p.span[1] and p.span[0] < e for s, e in grounded)]

@@ -36,6 +36,12 @@ class DropReason(str, enum.Enum):
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+class UnlabelledPhrases(str, enum.Enum):
+    """What the student's token loss makes of a pseudo caption's phrases that kept no box."""
+    NEGATIVE = "negative"   # official: their tokens are negatives at every anchor
+    IGNORE = "ignore"       # their tokens take no token loss (the teacher missed them: unknown)
+
+
 @dataclass
 class Phrase:
     text: str

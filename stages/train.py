@@ -230,7 +230,7 @@ def train_step(model: nn.Module, criterion, optimizer: torch.optim.Optimizer, ba
                ema_source: nn.Module | None = None) -> StepResult:
     """One update of ``model`` (maybe DDP-wrapped) on ``batch`` (``TrainStream`` output); ``step``
     is the number of updates done so far (sets the lr). ``ema_source`` is the unwrapped model."""
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "positive_map")}
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "positive_map", "ignore_tokens")}
                for t in batch["targets"]]
     n = len(targets)
     empty = sum(int(t["boxes"].shape[0] == 0) for t in targets)

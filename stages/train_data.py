@@ -12,6 +12,9 @@ overridden as ``data.sources.NAME.annotations=...``):
   ``<= min_score`` are dropped (official FURTHER_SCREEN); an image left without a box is skipped
   (CAPTION_MIN_BOX = 1). With ``pack_captions`` the negatives are the captions of the previous
   ``pool_size`` records of the same stream (shards are read as streams, without random access).
+  ``unlabelled_phrases: ignore`` takes the tokens of the caption's noun phrases left without a
+  box out of the token loss (``stages.prompt_sampling.unlabelled_phrase_spans``); the official
+  default, ``negative``, teaches that such a phrase is nowhere in the image.
 
 Nothing is materialised. A source is a factory ``epoch -> iterable of references``: for the
 JSON readers an index into the reader's compact in-memory index (the annotation file is read
@@ -49,13 +52,13 @@ from model import typed_config
 from model.config import ModelConfig
 from stages.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
 from stages.prompt_sampling import (CaptionPackingConfig, DetectionPromptConfig, detection_to_grounding,
-                                    pack_negative_captions, screen_pseudo_labels)
+                                    pack_negative_captions, screen_pseudo_labels, unlabelled_phrase_spans)
 from stages.readers.common import BoxConvention
-from stages.schema import Phrase, Sample
+from stages.schema import Phrase, Sample, UnlabelledPhrases
 from stages.train_transforms import TrainTransform, TrainTransformConfig, collate
 
-__all__ = ["SourceKind", "TrainSourceConfig", "TrainDataConfig", "TrainStream", "BatchPrefetcher",
-           "expand_shards"]
+__all__ = ["SourceKind", "UnlabelledPhrases", "TrainSourceConfig", "TrainDataConfig", "TrainStream",
+           "BatchPrefetcher", "expand_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class TrainSourceConfig:
     prompt: DetectionPromptConfig = field(default_factory=DetectionPromptConfig)   # coco
     pack_captions: CaptionPackingConfig | None = None   # mdetr/pseudo: negative captions; null = off
     pool_size: int = 64                      # pseudo: captions kept as the packing pool
+    unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE   # pseudo: phrases left without a box
     box_convention: BoxConvention = BoxConvention.LEGACY
     shuffle: bool = True                     # reshuffle every epoch (seeded)
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +107,10 @@ class TrainSourceConfig:
             raise ValueError("pack_captions applies to mdetr and pseudo sources (coco builds class-name prompts)")
         if self.pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
+        if self.kind is not SourceKind.PSEUDO and self.unlabelled_phrases is not UnlabelledPhrases.NEGATIVE:
+            raise ValueError(f"unlabelled_phrases applies to pseudo sources (their captions keep the noun "
+                             f"phrases the teacher found no box for); a {self.kind.value} source labels "
+                             "every phrase it names: remove the key")
 
 
 @dataclass
@@ -271,6 +279,8 @@ class _ShardSource:
         if self.packing is not None:
             sample = pack_negative_captions(sample, [c for c in pool if c != sample.caption], self.tokenizer,
                                             rng, self.packing)
+        if self.cfg.unlabelled_phrases is UnlabelledPhrases.IGNORE:
+            sample.meta["ignore_spans"] = unlabelled_phrase_spans(sample)
         return sample
 
 

@@ -55,6 +55,7 @@ class TrainExample:
     caption: str
     tokens_positive: list[list[tuple[int, int]]]  # per box, its caption character spans
     flipped: bool
+    ignore_spans: list[tuple[int, int]] = ()     # caption spans whose tokens take no token loss
 
 
 def resize_boxes(boxes: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
@@ -111,7 +112,8 @@ class TrainTransform:
             image=normalize(pil, self.input_cfg.pixel_mean, self.input_cfg.pixel_std),
             image_size=size, original_size=orig, boxes=boxes, caption=sample.caption,
             tokens_positive=[[(int(s), int(e)) for s, e in spans] for spans in sample.tokens_positive],
-            flipped=flipped)
+            flipped=flipped,
+            ignore_spans=[(int(s), int(e)) for s, e in sample.meta.get("ignore_spans", ())])
 
 
 def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> dict:
@@ -119,8 +121,9 @@ def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> 
 
     ``images`` [B, 3, H, W] (H, W multiples of ``size_divisibility``), ``image_sizes`` [(h, w)],
     ``input_ids`` / ``attention_mask`` [B, T], ``targets``: per image ``{"boxes": [G, 4] float32
-    xyxy in the network-input frame, "positive_map": [G, T] float32 0/1}``; plus ``captions``
-    and ``keys``.
+    xyxy in the network-input frame, "positive_map": [G, T] float32 0/1}`` and, for an example
+    with ``ignore_spans``, ``"ignore_tokens"``: [T] bool, the tokens the token loss skips; plus
+    ``captions`` and ``keys``.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -128,9 +131,14 @@ def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> 
     encoding = tokenize(tokenizer, [ex.caption for ex in examples], model_cfg.language.max_query_len,
                         model_cfg.language.pad_to_max)
     num_tokens = encoding["input_ids"].shape[1]
-    targets = [{"boxes": ex.boxes.to(torch.float32).reshape(-1, 4),
-                "positive_map": positive_map(encoding, ex.tokens_positive, num_tokens, batch_index=b)}
-               for b, ex in enumerate(examples)]
+    targets = []
+    for b, ex in enumerate(examples):
+        target = {"boxes": ex.boxes.to(torch.float32).reshape(-1, 4),
+                  "positive_map": positive_map(encoding, ex.tokens_positive, num_tokens, batch_index=b)}
+        if ex.ignore_spans:
+            target["ignore_tokens"] = positive_map(encoding, [list(ex.ignore_spans)], num_tokens,
+                                                   batch_index=b)[0] > 0
+        targets.append(target)
     return {"images": images, "image_sizes": [ex.image_size for ex in examples],
             "input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
             "targets": targets, "captions": [ex.caption for ex in examples],

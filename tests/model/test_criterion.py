@@ -168,6 +168,37 @@ def test_losses_equal_the_spec_formulas_on_a_hand_made_batch():
                                          + expected["loss_centerness"], rel=1e-5)
 
 
+def test_ignored_tokens_take_no_token_loss_in_their_image_only():
+    """ignore_tokens = those tokens masked out of that image's token loss; box losses unchanged."""
+    t = 6
+    outputs = make_outputs(batch=2, tokens=t, seed=3)
+    text_mask = torch.ones(2, t, dtype=torch.long)
+    gts = [torch.tensor([[10.0, 10, 19, 19]]), torch.tensor([[0.0, 0, 9, 9]])]
+    pms = [torch.zeros(1, t), torch.zeros(1, t)]
+    pms[0][0, 1] = 1
+    pms[1][0, 2] = 1
+    ignore = torch.tensor([False, False, False, True, True, False])
+    crit = GLIPCriterion(LossConfig())
+    with_ignore = crit(outputs, [{"boxes": gts[0], "positive_map": pms[0], "ignore_tokens": ignore},
+                                 {"boxes": gts[1], "positive_map": pms[1]}], text_mask)
+    masked = text_mask.clone()
+    masked[0, 3:5] = 0
+    plain = crit(outputs, [{"boxes": g, "positive_map": p} for g, p in zip(gts, pms)], masked)
+    unmasked = crit(outputs, [{"boxes": g, "positive_map": p} for g, p in zip(gts, pms)], text_mask)
+    for k in plain:
+        assert with_ignore[k].item() == pytest.approx(plain[k].item(), rel=1e-6), k
+    assert with_ignore["loss_token"].item() < unmasked["loss_token"].item()
+    # the ignored logits get no gradient; the same tokens of the other image still do
+    logits = outputs["token_logits"][0].detach().requires_grad_(True)
+    crit(dict(outputs, token_logits=[logits]),
+         [{"boxes": gts[0], "positive_map": pms[0], "ignore_tokens": ignore},
+          {"boxes": gts[1], "positive_map": pms[1]}], text_mask)["loss_token"].backward()
+    assert not logits.grad[0, :, 3:5].any() and logits.grad[1, :, 3:5].abs().sum() > 0
+    with pytest.raises(ValueError, match="ignore_tokens has shape"):
+        crit(outputs, [{"boxes": gts[0], "positive_map": pms[0], "ignore_tokens": ignore[:4]},
+                       {"boxes": gts[1], "positive_map": pms[1]}], text_mask)
+
+
 def test_box_whose_spans_map_to_no_token_keeps_its_box_losses():
     t = 5
     outputs = make_outputs(batch=1, tokens=t, seed=2)

@@ -7,7 +7,7 @@ import pytest
 from model.prompts import clean_name
 from stages.prompt_sampling import (CaptionPackingConfig, DetectionPromptConfig, NegativeMode,
                                     detection_to_grounding, pack_count, pack_negative_captions,
-                                    sample_num_negatives, screen_pseudo_labels)
+                                    sample_num_negatives, screen_pseudo_labels, unlabelled_phrase_spans)
 from stages.readers.coco import CocoImage
 from stages.schema import Phrase, Sample
 
@@ -245,3 +245,18 @@ def test_screen_pseudo_labels_keeps_scores_above_the_bar():
     bad.scores = []
     with pytest.raises(ValueError, match="scores"):
         screen_pseudo_labels(bad, 0.5)
+
+
+def test_unlabelled_phrase_spans_are_the_phrases_no_kept_box_grounds(tokenizer):
+    sample = grounding_sample()
+    assert unlabelled_phrase_spans(sample) == []                    # the third box covers "the beach"
+    screened = screen_pseudo_labels(sample, 0.75)                    # drops the beach's box
+    assert unlabelled_phrase_spans(screened) == [[34, 43]]
+    assert unlabelled_phrase_spans(screen_pseudo_labels(sample, 0.95)) == [[0, 11], [20, 30], [34, 43]]
+    assert unlabelled_phrase_spans(Sample(key="e", input_shard="s", caption="")) == []
+    # packing moves the caption: the spans found afterwards still name the same words
+    cfg = CaptionPackingConfig(no_random_pack_probability=0.0, random_pack_prob=1.0)
+    packed = pack_negative_captions(screened, [f"other caption {i}" for i in range(30)], tokenizer,
+                                    np.random.default_rng(1), cfg)
+    assert packed.meta["packed_negatives"] > 0
+    assert [packed.caption[s:e] for s, e in unlabelled_phrase_spans(packed)] == ["the beach"]

@@ -126,6 +126,45 @@ def test_stream_mixes_all_sources_disjointly_and_resumes_exactly(mixture, tiny_r
     assert [k for _ in range(6) for k in other_seed.next_batch()["keys"]] != keys[0]
 
 
+def test_pseudo_phrases_left_without_a_box_can_be_ignored(mixture, tiny_random):
+    """unlabelled_phrases=ignore: the tokens of exactly the phrases whose boxes were screened away."""
+    cfg = train_config(mixture, "/unused", "data.prefetch_batches=0", "data.sources.cc.unlabelled_phrases=ignore",
+                       "data.sources.o365.weight=0", "data.sources.goldg.weight=0")
+    stream = TrainStream(cfg.data, tiny_random.cfg, tiny_random.tokenizer, batch_size=4, seed=0)
+    records = {f"cc/{s.record['key']}": s.record
+               for s in iter_output_samples([str(p) for p in mixture.pseudo_shards])}
+    seen_ignored = 0
+    for _ in range(3):
+        batch = stream.next_batch()
+        for b, (key, target) in enumerate(zip(batch["keys"], batch["targets"])):
+            record = records[key]
+            low = [p["text"] for p, s in zip(record["phrases"], record["scores"]) if s <= 0.5]
+            if not low:
+                assert "ignore_tokens" not in target
+                continue
+            seen_ignored += 1
+            decoded = tiny_random.tokenizer.decode(batch["input_ids"][b][target["ignore_tokens"]].tolist())
+            assert decoded == " ".join(low).lower()
+            assert not (target["ignore_tokens"] & (target["positive_map"].sum(0) > 0)).any()
+    assert seen_ignored > 0
+    # and the training step hands them to the criterion
+    criterion = GLIPCriterion(tiny_random.cfg.loss)
+    received = []
+
+    def spy(outputs, targets, mask):
+        received.extend(targets)
+        return criterion(outputs, targets, mask)
+    spy.total = criterion.total
+    ignoring = next(b for b in iter(stream.next_batch, None) if any("ignore_tokens" in t for t in b["targets"]))
+    optimizer = make_optimizer(param_groups(tiny_random, cfg))
+    train_step(tiny_random, spy, optimizer, ignoring, step=0, cfg=cfg, device=torch.device("cpu"))
+    sent = [t.get("ignore_tokens") for t in ignoring["targets"]]
+    got = [t.get("ignore_tokens") for t in received]
+    assert len(got) == len(sent) and all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, sent))
+    with pytest.raises(ConfigError, match="unlabelled_phrases applies to pseudo sources"):
+        train_config(mixture, "/unused", "data.sources.o365.unlabelled_phrases=ignore")
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_store_pointer_pruning_and_failed_writes(tmp_path):
     store = CheckpointStore(str(tmp_path), keep=2)

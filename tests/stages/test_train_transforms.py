@@ -167,3 +167,20 @@ def test_collate_shapes_and_positive_maps(tokenizer):
                                                          language=type(cfg.language)(pad_to_max=False)))
     assert short["input_ids"].shape[1] < 256
     assert short["targets"][0]["positive_map"].shape[1] == short["input_ids"].shape[1]
+
+
+def test_collate_marks_the_ignored_tokens_of_an_example(tokenizer):
+    cfg = ModelConfig(input=InputConfig(min_size_train=(64,), max_size_train=200))
+    plain = red_rectangle_sample(key="plain")
+    ignored = red_rectangle_sample(key="ignored")
+    ignored.caption = "a red box next to a green moon"
+    ignored.meta["ignore_spans"] = [[18, 30]]
+    transform = TrainTransform(cfg.input)
+    examples = [transform(s, np.random.default_rng(0)) for s in (plain, ignored)]
+    assert examples[0].ignore_spans == [] and examples[1].ignore_spans == [(18, 30)]
+    batch = collate(examples, tokenizer, cfg)
+    assert "ignore_tokens" not in batch["targets"][0]
+    mask = batch["targets"][1]["ignore_tokens"]
+    assert mask.dtype == torch.bool and mask.shape == (256,)
+    assert tokenizer.decode(batch["input_ids"][1][mask].tolist()) == "a green moon"
+    assert not (mask & batch["targets"][1]["positive_map"][0].bool()).any()
