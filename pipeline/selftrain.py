@@ -25,6 +25,12 @@ from stages.schema import UnlabelledPhrases
 log = logging.getLogger("pipeline.selftrain")
 
 
+class Device(str, enum.Enum):
+    AUTO = "auto"      # CUDA when this machine has it, else CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 class StudentInit(str, enum.Enum):
     TEACHER = "teacher"                       # the student (and the control) continue from the teacher
     PRETRAINED_PARTS = "pretrained_parts"     # both start where the teacher started
@@ -53,6 +59,7 @@ class SelfTrainConfig:
     pack_captions: int = 0
     label_overrides: list[str] = field(default_factory=list)   # `pipeline run` key=value
     eval_batch_size: int = 8
+    device: Device = Device.AUTO         # training and evaluation (pseudo-labelling: GPU actors when Ray has GPUs)
     seed: int = 0
     progress: bool = True
 
@@ -100,6 +107,13 @@ def _student_init(cfg: SelfTrainConfig, teacher_model: str) -> list[str]:
     return []
 
 
+def _device(cfg: SelfTrainConfig) -> str:
+    if cfg.device is not Device.AUTO:
+        return cfg.device.value
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _train(cfg: SelfTrainConfig, name: str, out: Path, sources: dict, overrides: list[str]) -> dict:
     from pipeline.train import load_train_job, train
 
@@ -108,7 +122,8 @@ def _train(cfg: SelfTrainConfig, name: str, out: Path, sources: dict, overrides:
         log.info("%s: already trained (%s)", name, out)
         return {**json.loads(done.read_text()), "reused": True}
     job = load_train_job(cfg.train, [f"output={out}", f"seed={cfg.seed}", f"progress={str(cfg.progress).lower()}",
-                                     f"data.sources={json.dumps(sources)}", *overrides])
+                                     f"data.sources={json.dumps(sources)}",
+                                     f"ray.use_gpu={str(_device(cfg) == 'cuda').lower()}", *overrides])
     log.info("%s: training %d steps", name, job.max_iter)
     summary = train(job)
     done.write_text(json.dumps(summary, indent=2, default=str))
@@ -138,7 +153,8 @@ def _evaluate(cfg: SelfTrainConfig, world, name: str, checkpoint: str, out: Path
             continue
         ecfg = EvalConfig(kind=kind, checkpoint=checkpoint, annotations=str(gt_file),
                           image_root=str(world.images("eval")), output=str(out),
-                          name=f"{name}_{kind.value}", batch_size=cfg.eval_batch_size, progress=cfg.progress)
+                          name=f"{name}_{kind.value}", batch_size=cfg.eval_batch_size, progress=cfg.progress,
+                          device=_device(cfg))
         metrics[kind.value] = run_eval(ecfg)
     return metrics
 

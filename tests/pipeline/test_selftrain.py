@@ -18,7 +18,7 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
         "teacher_overrides=[max_iter=3, log_every=1]", "student_overrides=[max_iter=3, log_every=1]",
         # an untrained teacher scores ~0.01 everywhere: let its boxes through so the student
         # really reads pseudo labels in this short test
-        "teacher_min_score=0.0", "student_min_score=0.0",
+        "teacher_min_score=0.0", "student_min_score=0.0", "unlabelled_phrases=ignore", "pack_captions=2",
         "label_overrides=[\"pseudo_label.model_overrides=[inference.score_threshold=0.0]\"]"])
     selftrain(cfg)
     report = (tmp_path / "REPORT.md").read_text()
@@ -32,6 +32,10 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     assert label["read"] == label["kept"] + label["dropped"] and label["boxes"] > 0
     student_summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
     assert student_summary["step"] == 3
+    sources = json.loads((tmp_path / "student" / "train_config.json").read_text())["data"]["sources"]
+    assert sources["pseudo"]["unlabelled_phrases"] == "ignore" and sources["pseudo"]["min_score"] == 0.0
+    assert sources["pseudo"]["weight"] == cfg.pseudo_weight and sources["detection"]["pack_captions"] is None
+    assert sources["grounding"]["pack_captions"]["pack_random_caption_number"] == 2
     # student and control continue from the teacher's weights; the control never reads pseudo labels
     for name in ("student", "control"):
         config = json.loads((tmp_path / name / "train_config.json").read_text())
