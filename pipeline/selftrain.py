@@ -257,7 +257,9 @@ def _report(cfg: SelfTrainConfig, root: Path, results: dict, extras: dict) -> st
             else "start from the pretrained parts, as the teacher did")
     lines += ["", "- teacher: trained on the detection + grounding sets.",
               f"- student: the teacher's trainer settings on detection + grounding + the pseudo-labelled web "
-              f"shards; its steps {init}."]
+              f"shards (mixture weights 1 : 1 : {cfg.pseudo_weight:g}; pseudo boxes scoring > "
+              f"{cfg.student_min_score:g}; phrases left without a box: {cfg.unlabelled_phrases.value}); "
+              f"its steps {init}."]
     if "control" in results:
         lines.append("- control: the student exactly (same initialisation, steps, seed) but without the pseudo "
                      "source, so student − control is what the pseudo labels add, not what more steps add.")
