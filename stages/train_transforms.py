@@ -18,6 +18,7 @@ spans fall in truncated text gets an all-zero row).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class TrainExample:
     caption: str
     tokens_positive: list[list[tuple[int, int]]]  # per box, its caption character spans
     flipped: bool
-    ignore_spans: list[tuple[int, int]] = ()     # caption spans whose tokens take no token loss
+    ignore_spans: Sequence[tuple[int, int]] = ()  # caption spans whose tokens take no token loss
 
 
 def resize_boxes(boxes: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
