@@ -148,7 +148,8 @@ class GLIPCriterion(nn.Module):
         """outputs: the network's dict (``token_logits`` list of [B, N_l, T], ``box_regression``
         list of [B, 4A, H_l, W_l], ``centerness`` list of [B, A, H_l, W_l], ``anchors`` list of
         [N_l, 4]). targets: per image {``boxes``: [G, 4] xyxy in the network-input frame,
-        ``positive_map``: [G, T] binary token map, optional ``ignore_tokens``: [T] bool}. text_mask: [B, T] attention mask (1 = token).
+        ``positive_map``: [G, T] binary token map, optional ``ignore_tokens``: [T] bool}.
+        text_mask: [B, T] attention mask (1 = token).
 
         Returns {"loss_token", "loss_reg", "loss_centerness"}: unweighted scalar tensors.
         """
