@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages.noun_phrases import NounPhraseConfig, NounPhrases  # noqa: E402
 from stages.schema import Sample  # noqa: E402
-from stages.synthetic import make_captions, write_web_shards  # noqa: E402
+from synth.web import make_captions, write_web_shards  # noqa: E402
 
 
 def bare_pipe(nlp, captions, batch_size):

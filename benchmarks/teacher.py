@@ -45,7 +45,7 @@ def main() -> None:
     from pipeline import api
     from stages.noun_phrases import NounPhrases, NounPhraseConfig
     from stages.schema import Sample
-    from stages.synthetic import write_web_shards
+    from synth.web import write_web_shards
 
     overrides = [f"input.min_size_test={args.min_size}", f"input.max_size_test={args.max_size}"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,9 +34,11 @@ def main() -> None:
 
     from model.criterion import GLIPCriterion
     from pipeline.train import load_train_job
-    from stages.synthetic_train import write_training_mixture
-    from stages.train import build_model, make_optimizer, param_groups, train_step
-    from stages.train_data import TrainStream
+    from synth.training import write_training_mixture
+    from trainer.loop import build_model
+    from trainer.solver import make_optimizer, param_groups
+    from trainer.step import train_step
+    from trainer.data.sources import TrainStream
 
     with tempfile.TemporaryDirectory() as tmp:
         write_training_mixture(Path(tmp) / "data", n_coco=32, n_mdetr=32, n_pseudo=32)

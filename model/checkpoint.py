@@ -253,7 +253,7 @@ WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """``model`` (a GLIP with ``.cfg``) -> ``directory``/{model.safetensors, config.json}."""
     from safetensors.torch import save_file
-    from model import typed_config
+    from core import config as typed_config
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -268,7 +268,7 @@ def load_pretrained(directory: str | Path, overrides: list[str] | None = None,
 
     ``overrides`` (``key=value``) may change non-architectural keys, e.g. ``inference.*``."""
     from safetensors.torch import load_file
-    from model import typed_config
+    from core import config as typed_config
     from model.config import ModelConfig
     from model.glip import build_glip
     directory = Path(directory)

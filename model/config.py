@@ -9,7 +9,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model import typed_config
+from core import config as typed_config
 
 
 class BackboneKind(str, enum.Enum):

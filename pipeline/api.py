@@ -37,7 +37,7 @@ def stats(output: str, plot_dir: str | None = None, storage_options: dict | None
 def demo(overrides: list[str] | None = None, n_shards: int = 4, samples_per_shard: int = 64
          ) -> tuple[runner.RunSummary, _report.StatsReport]:
     """Generate a small img2dataset sample (with bad samples) and run the DAG on it."""
-    from stages.synthetic import write_web_shards
+    from synth.web import write_web_shards
 
     cfg = load_run_config(DEMO_CONFIG, overrides)
     input_dir = Path(cfg.input.shards[0]).parent
@@ -45,6 +45,24 @@ def demo(overrides: list[str] | None = None, n_shards: int = 4, samples_per_shar
         write_web_shards(input_dir, n_shards=n_shards, samples_per_shard=samples_per_shard, seed=cfg.seed)
     summary = runner.run(cfg)
     return summary, stats(cfg.output.path)
+
+
+def world(config: str | os.PathLike | None, out: str | os.PathLike, overrides: list[str] | None = None):
+    """Build the miniature world of ``config`` (configs/world/*.yaml) in ``out``, replacing a
+    world there; returns its ``synth.world.WorldManifest``."""
+    from core.config import load
+    from synth.config import WorldConfig
+    from synth.world import build_world
+
+    cfg = load(WorldConfig, config, overrides)
+    return build_world(out, cfg, overwrite=True)
+
+
+def format_world(world) -> str:
+    lines = [f"{split:10s} images {c['images']:5d}  " + "  ".join(
+        f"{k} {v['instances']}" for k, v in c["per_class"].items()) for split, c in world.counts.items()]
+    lines.append(f"built {world.root} in {world.build_seconds:.1f} s")
+    return "\n".join(lines)
 
 
 def format_summary(summary: runner.RunSummary) -> str:

@@ -8,6 +8,7 @@
     pipeline show OUTPUT [--out DIR] [-n 24]  an HTML gallery of pseudo-labelled samples
     pipeline export OUTPUT --format odvg|mdetr --out DIR   for other grounding trainers
     pipeline train CONFIG [key=value ...] [--resume]   the student trainer (Ray Train)
+    pipeline world CONFIG OUT [key=value ...]   build the miniature world (configs/world/*.yaml)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from model.typed_config import ConfigError
+from core.config import ConfigError
 from pipeline.storage import StorageError
 
 
@@ -110,6 +111,12 @@ def _cmd_selftrain(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_world(ns: argparse.Namespace) -> int:
+    from pipeline import api
+    print(api.format_world(api.world(ns.config, ns.out, ns.overrides)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="glip-selftrain: GLIP and its self-training data engine.")
@@ -191,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUTPUT from its newest checkpoint (same step, lr and data position)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("world", help="build the seeded miniature world (detection, grounding, web shards, held-out set)",
+                       description="Builds the world of CONFIG (configs/world/*.yaml) in OUT, replacing a world "
+                       "there; key=value overrides apply to the world config, e.g. seed=1 web_images=1200.")
+    p.add_argument("config", help="world YAML, e.g. configs/world/default.yaml")
+    p.add_argument("out", help="folder to build the world in")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_world)
     return parser
 
 

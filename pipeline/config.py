@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.typed_config import ConfigError, from_dict, merge_overrides, read_yaml, to_dict
+from core.config import ConfigError, from_dict, merge_overrides, read_yaml, to_dict
 from stages.ingest import IngestConfig
 from stages.noun_phrases import NounPhraseConfig
 from stages.pseudo_label import PseudoLabelConfig

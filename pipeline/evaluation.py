@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.config import CheckpointFormat
-from model.typed_config import from_dict, merge_overrides, read_yaml
+from core.config import from_dict, merge_overrides, read_yaml
 
 
 class EvalKind(str, enum.Enum):

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.typed_config import to_dict
+from core.config import to_dict
 from pipeline.config import RunConfig, semantic_hash
 from pipeline.manifest import Manifest, ShardRecord
 from pipeline.storage import OutputDir, StorageError, expand_shards, open_input, sha256_bytes, shard_name

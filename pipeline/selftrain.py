@@ -4,7 +4,7 @@
            ->  train the student on detection + grounding + pseudo shards
            ->  evaluate teacher and student on the held-out set  ->  REPORT.md
 
-Every step is one call of the project's own API (``stages.world``, ``pipeline.train``,
+Every step is one call of the project's own API (``synth.world``, ``pipeline.train``,
 ``pipeline.runner``, ``pipeline.evaluation``) and is skipped when its output is already complete,
 so an interrupted loop resumes where it stopped. The report states the numbers as measured,
 with the seed; nothing in it is made up or tuned after the fact.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.typed_config import from_dict, merge_overrides, read_yaml, to_dict
+from core.config import from_dict, merge_overrides, read_yaml, to_dict
 from stages.schema import UnlabelledPhrases
 
 log = logging.getLogger("pipeline.selftrain")
@@ -74,8 +74,9 @@ def load_selftrain_config(path: str | None, overrides: list[str] | None = None) 
 # ------------------------------------------------------------------------------------ steps
 
 def _world(cfg: SelfTrainConfig, root: Path):
-    from model.typed_config import load
-    from stages.world import WorldConfig, ensure_world
+    from core.config import load
+    from synth.config import WorldConfig
+    from synth.world import ensure_world
 
     wcfg = load(WorldConfig, cfg.world, cfg.world_overrides + [f"seed={cfg.seed}"])
     manifest, built = ensure_world(root / "world", wcfg)
@@ -193,7 +194,7 @@ def _loss_plot(runs: dict[str, Path], path: Path) -> str | None:
 def _pseudo_quality(world, pseudo: Path) -> dict | None:
     """Pseudo labels vs the world's true boxes (analysis only: training never sees the truth)."""
     from stages.output_shards import iter_output_samples
-    from stages.world_truth import load_truth, pseudo_label_quality
+    from synth.truth import load_truth, pseudo_label_quality
 
     truth_file = Path(world.root) / "web_truth.json"
     if not truth_file.exists():

@@ -1,14 +1,14 @@
 """``pipeline train CONFIG [key=value ...] [--resume]``: the student trainer on Ray Train.
 
-The config is ``stages.train.TrainConfig`` (model, init, data sources, solver, output, ...) plus a
-``ray`` section (``TrainRayConfig``). The loop itself is ``stages.train.fit``; this module decides
+The config is ``trainer.config.TrainConfig`` (model, init, data sources, solver, output, ...) plus a
+``ray`` section (``TrainRayConfig``). The loop itself is ``trainer.loop.fit``; this module decides
 where it runs:
 
 - ``ray.launcher: ray``: Ray Train V2 ``TorchTrainer`` with
   ``ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker[, "GPU":
   gpus_per_worker]})`` and ``TorchConfig(backend=gloo | nccl)``. Each worker builds the model
   (same seed, so the same initial weights), wraps it with ``ray.train.torch.prepare_model``
-  (DDP) and reads its own disjoint part of every source (``stages.train_data``). Rank 0 writes
+  (DDP) and reads its own disjoint part of every source (``trainer.data.sources``). Rank 0 writes
   checkpoints, metrics and the final model. Ray is joined at ``ray.address`` (or
   ``RAY_ADDRESS``) or started locally in this process. The progress bar (loss, lr, img/s) runs
   here, on the driver, fed by rank 0 through a ``ray.util.queue.Queue``.
@@ -37,8 +37,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.typed_config import ConfigError, to_dict
-from stages.train import TrainConfig, WorkerContext, check_resumable, fit, load_train_config
+from core.config import ConfigError, to_dict
+from trainer.config import TrainConfig, check_resumable, load_train_config
+from trainer.loop import WorkerContext, fit
 
 __all__ = ["TrainError", "Launcher", "TorchBackend", "TrainRayConfig", "TrainJobConfig", "load_train_job", "preflight",
            "train", "format_train_summary"]
@@ -117,8 +118,9 @@ def _exists(url: str, storage_options: dict) -> bool:
 def preflight(cfg: TrainJobConfig, resume: bool) -> dict | None:
     """Raise ConfigError for what would fail later; returns the checkpoint pointer (or None)."""
     from model.config import load_model_config
-    from stages.train_data import SourceKind, expand_shards
-    from stages.train_state import CheckpointStore
+    from trainer.data.config import SourceKind
+    from trainer.data.sources import expand_shards
+    from trainer.state import CheckpointStore
 
     try:
         cfg.validate()
@@ -229,7 +231,7 @@ def _worker_main(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from model.typed_config import from_dict
+    from core.config import from_dict
 
     cfg = from_dict(TrainJobConfig, config["cfg"], source="pipeline train (worker)")
     context = ray.train.get_context()

@@ -52,7 +52,7 @@ class IngestConfig:
     max_caption_chars: int = 1000       # characters of the stripped caption
 
     def validate(self) -> None:
-        """Raise ValueError naming the field (``model.typed_config`` calls this on load)."""
+        """Raise ValueError naming the field (``core.config`` calls this on load)."""
         for name in ("min_size", "max_size", "max_pixels", "max_caption_chars"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

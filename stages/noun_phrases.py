@@ -65,7 +65,7 @@ class NounPhraseConfig:
     max_phrases: int = 32
 
     def validate(self) -> None:
-        """Raise ValueError naming the field (``model.typed_config`` calls this on load)."""
+        """Raise ValueError naming the field (``core.config`` calls this on load)."""
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model: expected a spaCy pipeline name, got {self.model!r}")
         for name in ("batch_size", "max_phrases"):

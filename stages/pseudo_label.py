@@ -90,7 +90,7 @@ class PseudoLabel(BaseStage):
 
         from model.load import load_glip
         from model.predictor import Predictor
-        from model.typed_config import to_dict
+        from core.config import to_dict
 
         cfg = self.config
         model, checkpoint_sha = load_glip(cfg.checkpoint, cfg.checkpoint_format, cfg.model,

@@ -127,3 +127,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def noun_phrase_stage():
+    """The default noun-phrase stage, set up once (loading spaCy takes seconds)."""
+    from stages.noun_phrases import NounPhrases
+
+    stage = NounPhrases()
+    stage.setup()
+    return stage

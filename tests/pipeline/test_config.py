@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RunConfig, load_run_config, semantic_hash
-from model.typed_config import ConfigError
+from core.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import api
 from pipeline.config import load_run_config
-from stages.synthetic import write_web_shards
+from synth.web import write_web_shards
 
 pytestmark = pytest.mark.slow
 

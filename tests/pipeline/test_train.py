@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import typed_config
+from core import config as typed_config
 from model.language import build_tokenizer
-from model.typed_config import ConfigError
+from core.config import ConfigError
 from pipeline import api
 from pipeline.cli import main
 from pipeline.train import Launcher, TrainJobConfig, _launcher, load_train_job
-from stages.synthetic_train import write_training_mixture
-from stages.train import lr_factor, model_config, resume_config
-from stages.train_data import TrainStream
-from stages.train_state import CheckpointStore, read_metrics
+from synth.training import write_training_mixture
+from trainer.solver import lr_factor
+from trainer.config import model_config, resume_config
+from trainer.data.sources import TrainStream
+from trainer.state import CheckpointStore, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "train" / "tiny_mixture.yaml"

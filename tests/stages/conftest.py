@@ -6,17 +6,8 @@ from pathlib import Path
 import pytest
 
 from stages.ingest import Ingest
-from stages.noun_phrases import NounPhrases
 from stages.shards import ShardContents, read_shard
-from stages.synthetic import write_web_shards
-
-
-@pytest.fixture(scope="session")
-def noun_phrase_stage() -> NounPhrases:
-    """The default noun-phrase stage, set up once (loading spaCy takes seconds)."""
-    stage = NounPhrases()
-    stage.setup()
-    return stage
+from synth.web import write_web_shards
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,11 @@ import random
 import pytest
 from PIL import Image, ImageFile
 
-from model.typed_config import ConfigError, from_dict
+from core.config import ConfigError, from_dict
 from stages.ingest import Ingest, IngestConfig
 from stages.schema import DropReason, Sample
 from stages.shards import read_shard
-from stages.synthetic import bomb_png, make_image
+from synth.web import bomb_png, make_image
 
 NOUN_PHRASE_REASONS = {DropReason.NO_PHRASES}
 

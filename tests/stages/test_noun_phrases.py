@@ -7,7 +7,7 @@ import pytest
 
 from stages.noun_phrases import NounPhraseConfig, NounPhrases
 from stages.schema import DropReason, Sample
-from stages.synthetic import NO_PHRASES_CAPTION, make_captions
+from synth.web import NO_PHRASES_CAPTION, make_captions
 
 
 def _samples(captions) -> list[Sample]:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.schema import DropReason, Sample, Status
-from stages.synthetic import write_web_shards
+from synth.web import write_web_shards
 from stages.write import (QUANTILES, STATS_SCHEMA, encode_parquet, encode_shard, merge_stats,
                           shard_stats, stats_table)
 

@@ -8,7 +8,7 @@ import fsspec
 import pytest
 from PIL import Image
 
-from model.typed_config import ConfigError, from_dict
+from core.config import ConfigError, from_dict
 from stages.readers import (BoxConvention, CocoDetectionReader, CocoReaderConfig, DatasetFormatError,
                             xywh_to_xyxy, xyxy_to_xywh)
 from stages.schema import DropReason

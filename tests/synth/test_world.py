@@ -1,4 +1,4 @@
-"""The miniature world (``stages.world``): determinism, readers, rare classes, captions, counts."""
+"""The miniature world (``synth.world``): determinism, readers, rare classes, captions, counts."""
 from __future__ import annotations
 
 import io
@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.typed_config import ConfigError, load
+from core.config import ConfigError, load
 from stages.evaluate import coco_detection_metrics, phrase_grounding_recall
 from stages.ingest import Ingest
 from stages.readers import (CocoDetectionReader, CocoReaderConfig, MdetrGroundingReader,
                             MdetrReaderConfig, xywh_to_xyxy)
 from stages.readers.common import BoxConvention
 from stages.shards import read_shard
-from stages.world import WorldConfig, build_world, ensure_world, load_world
-from stages.world_draw import MASK_THRESHOLD, SHAPES, render_object
+from synth.config import WorldConfig
+from synth.world import build_world, ensure_world, load_world
+from synth.draw import MASK_THRESHOLD, render_object
+from synth.shapes import SHAPES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "world"
 

@@ -1,6 +1,6 @@
 """How good are the teacher's pseudo labels? Scored against the miniature world's truth.
 
-The world writes ``web_truth.json`` (``stages.world``): every web image's objects with their
+The world writes ``web_truth.json`` (``synth.world``): every web image's objects with their
 true boxes and, for those the caption mentions, the character span of the phrase. The pipeline
 never reads it; this module does, for the self-training report only. A pseudo box is **correct**
 when the caption phrase it grounds (its ``tokens_positive`` span) names an object whose true box

@@ -43,7 +43,7 @@ import fsspec
 import numpy as np
 import torch
 
-from stages.folder import Folder, join
+from core.storage import Folder, join
 
 __all__ = ["CheckpointStore", "MetricsLog", "read_metrics", "write_json", "rng_state", "set_rng_state", "LATEST"]
 

@@ -1,8 +1,8 @@
 """The miniature world: a seeded, self-built stand-in for O365, GoldG, CC3M and a held-out set.
 
-No one can download the real data sets here, so the self-training demo (issue 9) learns a small
+No one can download the real data sets here, so the self-training demo  learns a small
 world that this module draws: images of simple but distinct objects (coloured shapes and a few
-object-like drawings, ``stages.world_draw``) on varied backgrounds, 1-4 objects per image.
+object-like drawings, ``synth.draw``) on varied backgrounds, 1-4 objects per image.
 ``build_world(out_dir, cfg)`` writes, under ``out_dir`` (a local folder owned by the world):
 
 - ``detection/annotations.json`` + ``detection/images/``: COCO detection, the **common** classes
@@ -13,7 +13,7 @@ object-like drawings, ``stages.world_draw``) on varied backgrounds, 1-4 objects 
   exactly ``rare_in_grounding`` images (one instance each), nowhere else in training data;
 - ``eval/annotations.json`` + ``eval/images/``: held-out COCO detection with **all** classes;
   categories carry LVIS ``frequency`` (``r`` for the rare classes; ``f`` for a common class in
-  more than 100 training images, else ``c``), so ``stages.evaluate`` reports APr/APc/APf.
+  more than 100 training images, else ``c``), so ``evaluation.detection`` reports APr/APc/APf.
   ``eval/grounding.json``: the same images in MDETR format (captions naming every object);
 - ``web/00000.tar`` ...: img2dataset shards (``KEY.jpg``, ``KEY.txt``, ``KEY.json``; keys
   ``SSSSSIIII``), captions only, no boxes (the CC3M role). Rare classes are frequent here
@@ -24,7 +24,7 @@ object-like drawings, ``stages.world_draw``) on varied backgrounds, 1-4 objects 
 - ``world.json``: the manifest (``WorldManifest``): config, seed, box convention, counts per
   split and class, sha256 of every annotation file and tar and a digest of each image folder.
 
-Captions (``stages.world_captions``) are natural sentences whose noun phrases spaCy's noun chunks find, e.g. ``"a small
+Captions (``synth.captions``) are natural sentences whose noun phrases spaCy's noun chunks find, e.g. ``"a small
 striped red star next to a blue circle on a checkered background"``; spatial words (``above``,
 ``below``) are true of the picture, size words (``small``, ``big``) of the object. The
 backdrop is named ``background`` (block-listed by ``stages.noun_phrases``) or, with
@@ -37,7 +37,7 @@ mask; the object covers pixels ``x .. x + w - 1`` (the readers' ``legacy`` conve
 
 Deterministic: every image is drawn from ``random.Random`` seeded by (seed, split, index); JPEG
 quality, tar headers and JSON layout are fixed, so the same config writes byte-identical files.
-``python -m stages.world CONFIG OUT [key=value ...]`` builds a world from the command line.
+``pipeline world CONFIG OUT [key=value ...]`` builds a world from the command line.
 """
 from __future__ import annotations
 
@@ -48,17 +48,17 @@ import math
 import os
 import random
 import shutil
-import sys
 import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from model import typed_config
-from stages.world_captions import _caption
-from stages.world_draw import PALETTE, SHAPES, Scene, WorldObject, draw_scene
+from core import config as typed_config
+from synth.captions import caption as _caption
+from synth.config import WorldConfig
+from synth.draw import Scene, draw_scene
 
 __all__ = ["WorldConfig", "WorldManifest", "build_world", "load_world", "ensure_world",
            "BOX_CONVENTION", "FORMAT"]
@@ -66,79 +66,6 @@ __all__ = ["WorldConfig", "WorldManifest", "build_world", "load_world", "ensure_
 FORMAT = "glip-selftrain-world/1"
 BOX_CONVENTION = "legacy"        # COCO xywh; the object covers x .. x + w - 1 (stages.readers.common)
 _LVIS_FREQUENT = 100             # LVIS: a class in > 100 training images is "f", 11-100 "c", <= 10 "r"
-
-
-@dataclass
-class WorldConfig:
-    seed: int = 0
-    common_classes: list[str] = field(default_factory=lambda: [
-        "circle", "square", "triangle", "star", "heart", "cross", "ring", "diamond"])
-    rare_classes: list[str] = field(default_factory=lambda: ["moon", "arrow", "cloud", "flower"])
-    colours: list[str] = field(default_factory=lambda: list(PALETTE))
-    detection_images: int = 300
-    grounding_images: int = 120
-    eval_images: int = 120
-    web_images: int = 600
-    web_shard_size: int = 100            # samples per web tar
-    image_size: list[int] = field(default_factory=lambda: [160, 192])    # [min, max] of width and height
-    object_size: list[int] = field(default_factory=lambda: [24, 96])     # [min, max] longest side, px
-    objects_per_image: list[int] = field(default_factory=lambda: [1, 4])
-    max_overlap: float = 0.1             # box intersection / smaller box area, at most
-    rare_in_grounding: int = 6           # grounding images (one instance each) per rare class
-    eval_rare_fraction: float = 0.4      # chance an eval object is of a rare class
-    web_rare_fraction: float = 0.4       # chance a web object is of a rare class
-    web_unmentioned_prob: float = 0.1    # chance each web object but one is left out of the caption
-    web_colour_prob: float = 0.85        # chance a web caption names an object's colour
-    scene_phrase_prob: float = 0.25      # chance the backdrop is a wall/floor/curtain (a boxless phrase)
-    clutter: int = 2                     # at most this many background strokes per image
-    jpeg_quality: int = 90
-
-    def validate(self) -> None:
-        def pair(name: str, low: int) -> None:
-            v = getattr(self, name)
-            if len(v) != 2 or not low <= v[0] <= v[1]:
-                raise ValueError(f"{name}: expected [min, max] with {low} <= min <= max, got {v}")
-
-        for group in ("common_classes", "rare_classes"):
-            unknown = [c for c in getattr(self, group) if c not in SHAPES]
-            if unknown:
-                raise ValueError(f"{group}: unknown class {unknown[0]!r}; known: {', '.join(SHAPES)}")
-        names = self.common_classes + self.rare_classes
-        if not self.common_classes or len(set(names)) != len(names):
-            raise ValueError("common_classes must be non-empty and no class may be listed twice "
-                             f"(common {self.common_classes}, rare {self.rare_classes})")
-        unknown = [c for c in self.colours if c not in PALETTE]
-        if unknown or len(set(self.colours)) != len(self.colours) or len(self.colours) < 2:
-            raise ValueError(f"colours: at least two distinct names from {', '.join(PALETTE)}, got {self.colours}")
-        for name in ("detection_images", "grounding_images", "eval_images", "web_images", "clutter",
-                     "rare_in_grounding"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not 1 <= self.web_shard_size <= 10000:
-            raise ValueError(f"web_shard_size: expected 1..10000 (keys hold 4 digits), got {self.web_shard_size}")
-        pair("image_size", 32)           # ingest's default min_size is 32
-        pair("object_size", 8)
-        pair("objects_per_image", 1)
-        if self.object_size[0] > 0.7 * self.image_size[0]:
-            raise ValueError(f"object_size: min {self.object_size[0]} must fit in 0.7 x the smallest "
-                             f"image side ({self.image_size[0]})")
-        if self.objects_per_image[1] > len(self.colours):
-            raise ValueError("objects_per_image: max must not exceed the number of colours "
-                             "(objects of one image are distinct (class, colour) pairs)")
-        if self.rare_in_grounding * len(self.rare_classes) > self.grounding_images:
-            raise ValueError(f"rare_in_grounding: {self.rare_in_grounding} x {len(self.rare_classes)} rare "
-                             f"classes needs that many grounding images, only {self.grounding_images}")
-        for name in ("max_overlap", "eval_rare_fraction", "web_rare_fraction", "web_unmentioned_prob",
-                     "web_colour_prob", "scene_phrase_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: expected a fraction in [0, 1], got {getattr(self, name)}")
-        if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"jpeg_quality: expected 1..95, got {self.jpeg_quality}")
-
-    @property
-    def classes(self) -> list[str]:
-        """All classes; category id = position + 1 (common first, then rare)."""
-        return self.common_classes + self.rare_classes
 
 
 # ------------------------------------------------------------------------------- writing
@@ -438,22 +365,3 @@ def ensure_world(out_dir: str | Path, cfg: WorldConfig) -> tuple[WorldManifest, 
         if world is not None and world.data.get("config") == typed_config.to_dict(cfg) and not world.verify():
             return world, False
     return build_world(out, cfg, overwrite=True), True
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m stages.world CONFIG.yaml OUT_DIR [key=value ...]\n"
-              "Builds the miniature world of CONFIG (configs/world/*.yaml) in OUT_DIR (replacing a world there).")
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    cfg = typed_config.load(WorldConfig, argv[0], argv[2:])
-    world = build_world(argv[1], cfg, overwrite=True)
-    for split, c in world.counts.items():
-        print(f"{split:10s} images {c['images']:5d}  " + "  ".join(
-            f"{k} {v['instances']}" for k, v in c["per_class"].items()))
-    print(f"built {world.root} in {world.build_seconds:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,10 +10,9 @@ from PIL import Image
 
 from model.config import InputConfig, ModelConfig
 from model.prompts import clean_name
-from stages.prompt_sampling import detection_to_grounding
+from trainer.data.prompts import detection_to_grounding
 from stages.schema import Sample
-from stages.train_transforms import (TrainTransform, TrainTransformConfig, collate, hflip_boxes,
-                                     resize_boxes)
+from trainer.data.transforms import TrainTransform, TrainTransformConfig, collate, hflip_boxes, resize_boxes
 
 RED = (255, 0, 0)
 W, H = 200, 120

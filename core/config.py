@@ -1,8 +1,8 @@
 """Typed dataclass configs: YAML/dict -> dataclass, dotted ``key=value`` overrides.
 
-This is the project's one config machinery. It lives in ``model/`` because ``model/`` is the leaf
-package that ``stages/`` and ``pipeline/`` may import (it needs nothing but the standard library
-and PyYAML). Every error names the offending key, the file it came from and what is accepted, and
+This is the project's one config machinery. It lives in ``core/``, the package every layer
+(``model/``, ``stages/``, ``trainer/``, ``synth/``, ``pipeline/``) may import: it needs nothing but
+the standard library and PyYAML. Every error names the offending key, the file it came from and what is accepted, and
 is raised before any work starts.
 """
 from __future__ import annotations

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.storage import OutputDir, StorageError
-from stages.folder import Folder
-from stages.train_state import LATEST, CheckpointStore
+from core.storage import Folder
+from trainer.state import LATEST, CheckpointStore
 
 
 def test_json_round_trip_missing_and_stale_temporaries(tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.typed_config import ConfigError
-from stages.solver import ModelEma, lr_factor, lr_multiplier, make_optimizer, milestones, param_groups
-from stages.train import TrainConfig, load_train_config
+from core.config import ConfigError
+from trainer.solver import ModelEma, lr_factor, lr_multiplier, make_optimizer, milestones, param_groups
+from trainer.config import TrainConfig, load_train_config
 
 
 @pytest.fixture(scope="module")

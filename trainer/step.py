@@ -18,21 +18,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stages.solver import ModelEma, lr_factor
+from core.device import Precision, autocast
+from trainer.solver import ModelEma, lr_factor
 
 if TYPE_CHECKING:
-    from stages.train import TrainConfig
+    from trainer.config import TrainConfig
 
 __all__ = ["Precision", "StepStatus", "StepResult", "train_step", "distributed", "TARGET_KEYS"]
 
 # what the criterion reads of a batch's targets (collate's output)
 TARGET_KEYS = ("boxes", "positive_map", "ignore_tokens")
-
-
-class Precision(str, enum.Enum):
-    FP32 = "fp32"
-    BF16 = "bf16"        # autocast bfloat16, no loss scaling
-    FP16 = "fp16"        # autocast float16 + GradScaler (the official USE_AMP; GPUs)
 
 
 def distributed() -> bool:
@@ -65,11 +60,6 @@ class StepResult:
     overflow: bool = False        # fp16: inf/NaN gradients, GradScaler skipped the update (step counts)
 
 
-def _autocast(device: torch.device, precision: Precision):
-    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def train_step(model: nn.Module, criterion, optimizer: torch.optim.Optimizer, batch: dict, *, step: int,
                cfg: TrainConfig, device: torch.device, scaler=None, ema: ModelEma | None = None,
                ema_source: nn.Module | None = None) -> StepResult:
@@ -88,7 +78,7 @@ def train_step(model: nn.Module, criterion, optimizer: torch.optim.Optimizer, ba
     images = batch["images"].to(device, non_blocking=True)
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["attention_mask"].to(device, non_blocking=True)
-    with _autocast(device, cfg.precision):
+    with autocast(device, cfg.precision):
         outputs = model(images, batch["image_sizes"], input_ids, mask)
     losses = criterion(outputs, targets, mask)
     total = criterion.total(losses)

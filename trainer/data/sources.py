@@ -5,7 +5,7 @@ overridden as ``data.sources.NAME.annotations=...``):
 
 - ``coco``: COCO-format detection (Objects365, COCO, ...). Each image becomes a grounding
   sample with a class-name prompt: positives shuffled, negatives drawn from the vocabulary
-  (``stages.prompt_sampling.detection_to_grounding``, official ``od_to_grounding``).
+  (``trainer.data.prompts.detection_to_grounding``, official ``od_to_grounding``).
 - ``mdetr``: MDETR-format grounding (GoldG). The caption as it is; with ``pack_captions`` other
   captions of the file (drawn at random) are packed around it as negatives.
 - ``pseudo``: output shards of the teacher DAG (``stages.write`` format). Boxes scoring
@@ -13,13 +13,13 @@ overridden as ``data.sources.NAME.annotations=...``):
   (CAPTION_MIN_BOX = 1). With ``pack_captions`` the negatives are the captions of the previous
   ``pool_size`` records of the same stream (shards are read as streams, without random access).
   ``unlabelled_phrases: ignore`` takes the tokens of the caption's noun phrases left without a
-  box out of the token loss (``stages.prompt_sampling.unlabelled_phrase_spans``); the official
+  box out of the token loss (``trainer.data.prompts.unlabelled_phrase_spans``); the official
   default, ``negative``, teaches that such a phrase is nowhere in the image.
 
 Nothing is materialised. A source is a factory ``epoch -> iterable of references``: for the
 JSON readers an index into the reader's compact in-memory index (the annotation file is read
 once; images are read one at a time), reshuffled per epoch with ``(seed, source, epoch)``; for
-shards a stream of (record, image bytes), shard order reshuffled per epoch. ``stages.mixture``
+shards a stream of (record, image bytes), shard order reshuffled per epoch. ``trainer.data.mixture``
 interleaves the sources by weight, and ``worker_shard`` gives each worker a disjoint part:
 every ``world_size``-th reference of a JSON source; for shards whole shards when there are at
 least ``world_size`` of them, else every ``world_size``-th sample.
@@ -39,135 +39,34 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from model import typed_config
+from core.storage import expand_shards as _expand
 from model.config import ModelConfig
-from stages.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
-from stages.prompt_sampling import (CaptionPackingConfig, DetectionPromptConfig, detection_to_grounding,
-                                    pack_negative_captions, screen_pseudo_labels, unlabelled_phrase_spans)
-from stages.readers.common import BoxConvention
 from stages.schema import Phrase, Sample, UnlabelledPhrases
-from stages.train_transforms import TrainTransform, TrainTransformConfig, collate
+from trainer.data.config import SourceKind, TrainDataConfig, TrainSourceConfig
+from trainer.data.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
+from trainer.data.prompts import (detection_to_grounding, pack_negative_captions, screen_pseudo_labels,
+                                  unlabelled_phrase_spans)
+from trainer.data.transforms import TrainTransform, TrainTransformConfig, collate
 
-__all__ = ["SourceKind", "UnlabelledPhrases", "TrainSourceConfig", "TrainDataConfig", "TrainStream",
-           "BatchPrefetcher", "expand_shards"]
+__all__ = ["TrainStream", "BatchPrefetcher", "expand_shards"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
-class SourceKind(str, enum.Enum):
-    COCO = "coco"        # COCO-format detection JSON + image root: class-name prompts with negatives
-    MDETR = "mdetr"      # MDETR-format grounding JSON + image root(s): captions as they are
-    PSEUDO = "pseudo"    # output shards of the teacher DAG: boxes screened at min_score
-
-
-@dataclass
-class TrainSourceConfig:
-    kind: SourceKind = SourceKind.MDETR
-    weight: float = 1.0                      # relative; use copies x size to mimic official "copies"
-    annotations: str = ""                    # coco/mdetr: the JSON (path or fsspec URL)
-    image_root: str = ""                     # coco/mdetr: folder the file names are relative to
-    image_roots: dict[str, str] = field(default_factory=dict)   # mdetr: data_source -> folder
-    shards: list[str] = field(default_factory=list)            # pseudo: OUTPUT/*.tar (globs, braces)
-    min_score: float = 0.5                   # pseudo: keep boxes scoring > min_score
-    prompt: DetectionPromptConfig = field(default_factory=DetectionPromptConfig)   # coco
-    pack_captions: CaptionPackingConfig | None = None   # mdetr/pseudo: negative captions; null = off
-    pool_size: int = 64                      # pseudo: captions kept as the packing pool
-    unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE   # pseudo: phrases left without a box
-    box_convention: BoxConvention = BoxConvention.LEGACY
-    shuffle: bool = True                     # reshuffle every epoch (seeded)
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
-        if self.kind in (SourceKind.COCO, SourceKind.MDETR):
-            if not self.annotations:
-                raise ValueError(f"annotations is empty: a {self.kind.value} source needs its JSON file")
-            if not self.image_root and not self.image_roots:
-                raise ValueError(f"image_root is empty: a {self.kind.value} source needs its image folder")
-            if self.shards:
-                raise ValueError(f"shards is set on a {self.kind.value} source; shards are for kind=pseudo")
-        else:
-            if not self.shards:
-                raise ValueError("shards is empty: a pseudo source needs its output shards, e.g. [out/run1/*.tar]")
-            if self.annotations:
-                raise ValueError("annotations is set on a pseudo source; it reads shards only")
-        if self.kind is SourceKind.COCO and self.pack_captions is not None:
-            raise ValueError("pack_captions applies to mdetr and pseudo sources (coco builds class-name prompts)")
-        if self.pool_size < 1:
-            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
-        if self.kind is not SourceKind.PSEUDO and self.unlabelled_phrases is not UnlabelledPhrases.NEGATIVE:
-            raise ValueError(f"unlabelled_phrases applies to pseudo sources (their captions keep the noun "
-                             f"phrases the teacher found no box for); a {self.kind.value} source labels "
-                             "every phrase it names: remove the key")
-
-
-@dataclass
-class TrainDataConfig:
-    # name -> source; YAML: ``sources: {o365: {kind: coco, ...}, goldg: {kind: mdetr, ...}}``
-    sources: dict[str, TrainSourceConfig] = field(default_factory=dict)
-    flip_prob: float = 0.5                   # AUGMENT.FLIP_PROB_TRAIN
-    prefetch_batches: int = 2                # built ahead in a background thread; 0 = none
-    max_consecutive_skips: int = 1000        # fail when this many samples in a row are unusable
-
-    def __post_init__(self) -> None:
-        converted = {}
-        for name, value in dict(self.sources).items():
-            if isinstance(value, TrainSourceConfig):
-                converted[str(name)] = value
-            else:
-                converted[str(name)] = typed_config.from_dict(TrainSourceConfig, value,
-                                                              prefix=f"data.sources.{name}.")
-        self.sources = converted
-
-    def validate(self) -> None:
-        if not self.sources:
-            raise ValueError("data.sources is empty: give at least one source, e.g. "
-                             "data.sources.goldg={kind: mdetr, annotations: ..., image_root: ...}")
-        for name, src in self.sources.items():
-            try:
-                src.validate()
-            except ValueError as exc:
-                raise ValueError(f"data.sources.{name}: {exc}") from None
-        if sum(s.weight for s in self.sources.values()) <= 0:
-            raise ValueError("data.sources: the weights sum to 0")
-        if not 0.0 <= self.flip_prob <= 1.0:
-            raise ValueError(f"data.flip_prob must be a probability, got {self.flip_prob}")
-        if self.prefetch_batches < 0:
-            raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
-
-
 def expand_shards(patterns: Iterable[str], storage_options: dict | None = None, where: str = "shards"
                   ) -> list[str]:
-    """Brace patterns and globs -> sorted existing shard paths/URLs; a pattern matching nothing
-    raises naming ``where`` and the pattern."""
-    import fsspec
-    from braceexpand import braceexpand
-
-    found: list[str] = []
-    for pattern in patterns:
-        for expanded in braceexpand(pattern):
-            fs, path = fsspec.core.url_to_fs(expanded, **(storage_options or {}))
-            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-            prefix = "" if protocol in ("file", "local") else f"{protocol}://"
-            matches = sorted(fs.glob(path)) if any(c in path for c in "*?[") else (
-                [path] if fs.isfile(path) else [])
-            if not matches:
-                raise FileNotFoundError(f"{where}: {expanded} matches no file (list the OUTPUT/*.tar "
-                                        "shards of a finished teacher run)")
-            found.extend(m if not prefix or m.startswith(prefix) else prefix + m for m in matches)
-    return list(dict.fromkeys(found))
+    """``core.storage.expand_shards`` for a training source's ``shards``."""
+    return _expand(patterns, storage_options, where=where,
+                   fix="list the OUTPUT/*.tar shards of a finished teacher run")
 
 
 # ------------------------------------------------------------------------------------ sources

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from model import typed_config
-from stages.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
+from core import config as typed_config
+from trainer.data.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
 
 SIZES = {"o365": 13, "goldg": 50, "cc3m": 7}
 

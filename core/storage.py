@@ -1,4 +1,10 @@
-"""A folder on local disk or any fsspec store whose whole-file writes are atomic.
+"""Storage, the one owner: shard listing, opening inputs, and folders with atomic writes.
+
+Every byte the project reads from or writes to a path or URL goes through this module (local
+disk or any fsspec store: s3://, gs://, ...). Stages never see a path: they get bytes or file
+objects from here.
+
+``Folder``: a folder whose whole-file writes are atomic.
 
 Readers see a file complete or not at all. Locally a file is written under a hidden temporary
 name in the same folder (``.NAME.UUID.tmp``), flushed to disk and renamed (atomic on POSIX); a
@@ -6,21 +12,29 @@ killed writer leaves only such temporaries, which ``remove_stale_temporaries`` d
 object store (s3://, gs://) an object becomes visible only when its upload completes, so the
 bytes go straight to the final name (streamed writers are staged in a local temporary file).
 
-The trainer's checkpoints (``stages.train_state``) and the pipeline's outputs
+The trainer's checkpoints (``trainer.state``) and the pipeline's outputs
 (``pipeline.storage.OutputDir``) both write through this class.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import tempfile
 import uuid
 from typing import IO, Any, Callable
 
+import fsspec
+from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
-__all__ = ["Folder", "is_local", "join"]
+__all__ = ["Folder", "ListingError", "is_local", "join", "expand_shards", "open_input", "shard_name",
+           "sha256_bytes"]
+
+
+class ListingError(FileNotFoundError):
+    """An input pattern that matches nothing or cannot be listed; the message names it."""
 
 
 def is_local(fs) -> bool:
@@ -135,3 +149,49 @@ class Folder:
             except FileNotFoundError:
                 pass
         return len(stale)
+
+
+# ------------------------------------------------------------------------------ shard listing
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def expand_shards(patterns, storage_options: dict[str, Any] | None = None, where: str = "input.shards",
+                  fix: str = "check the pattern") -> list[str]:
+    """Brace patterns and globs -> existing shard paths/URLs, in order of first appearance,
+    without duplicates (each glob's matches sorted).
+
+    Every pattern must match at least one file: one that does not (or cannot be listed) raises
+    :class:`ListingError` naming ``where``, the pattern and ``fix`` (a typo must not silently
+    shrink a run).
+    """
+    storage_options = storage_options or {}
+    found: list[str] = []
+    for pattern in patterns:
+        for expanded in braceexpand(pattern):
+            fs, path = url_to_fs(expanded, **storage_options)
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+            try:
+                matches = sorted(fs.glob(path)) if _has_glob(path) else ([path] if fs.isfile(path) else [])
+            except Exception as exc:  # noqa: BLE001 - any backend error names the location
+                raise ListingError(f"{where}: cannot list {expanded}: {type(exc).__name__}: {exc}") from exc
+            if not matches:
+                raise ListingError(f"{where}: {expanded} matches no file ({fix})")
+            found.extend(m if not prefix or m.startswith(prefix) else prefix + m for m in matches)
+    return list(dict.fromkeys(found))
+
+
+def shard_name(url: str) -> str:
+    """``s3://b/cc3m/00012.tar`` -> ``00012`` (the output files of a shard are named after it)."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    return base[:-4] if base.endswith(".tar") else base.split(".", 1)[0]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def open_input(url: str, storage_options: dict[str, Any] | None = None):
+    """A binary file object for a path or URL (the caller closes it)."""
+    return fsspec.open(url, "rb", **(storage_options or {})).open()

@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 
 from model.prompts import clean_name
-from stages.prompt_sampling import (CaptionPackingConfig, DetectionPromptConfig, NegativeMode,
-                                    detection_to_grounding, pack_count, pack_negative_captions,
-                                    sample_num_negatives, screen_pseudo_labels, unlabelled_phrase_spans)
+from trainer.data.prompts import (CaptionPackingConfig, DetectionPromptConfig, NegativeMode, detection_to_grounding, pack_count, pack_negative_captions, sample_num_negatives, screen_pseudo_labels, unlabelled_phrase_spans)
 from stages.readers.coco import CocoImage
 from stages.schema import Phrase, Sample
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from stages.train import TrainConfig
+    from trainer.config import TrainConfig
 
 _GROUP_ORDER = ("base", "base_bias", "language", "language_bias")
 

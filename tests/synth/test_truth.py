@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.world_truth import load_truth, pseudo_label_quality
+from synth.truth import load_truth, pseudo_label_quality
 
 TRUTH = {
     ("00000", "a"): {"objects": [
@@ -36,8 +36,9 @@ def test_no_labels_and_unknown_images():
 
 
 def test_the_truths_own_boxes_are_all_correct(tmp_path):
-    from stages.world import WorldConfig, build_world
-    from model.typed_config import load
+    from synth.config import WorldConfig
+    from synth.world import build_world
+    from core.config import load
     cfg = load(WorldConfig, "configs/world/test.yaml")
     build_world(tmp_path / "w", cfg)
     truth, rare = load_truth(tmp_path / "w" / "web_truth.json")

@@ -1,6 +1,6 @@
-"""Captions of the miniature world (``stages.world``): a scene's objects as a natural sentence.
+"""Captions of the miniature world (``synth.world``): a scene's objects as a natural sentence.
 
-``_caption(rng, scene, cfg, objects, web)`` returns the sentence and each object's [start, end)
+``caption(rng, scene, cfg, objects, web)`` returns the sentence and each object's [start, end)
 span, e.g. ``"a small striped red star next to a blue circle on a checkered background"``;
 spatial words (``above``, ``below``) are true of the picture, size words (``small``, ``big``) of
 the object. The backdrop is named ``background`` or, with ``cfg.scene_phrase_prob``,
@@ -10,14 +10,12 @@ fixed order, so the same seed gives the same caption.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from stages.world_draw import Scene, WorldObject
+from synth.config import WorldConfig
+from synth.draw import Scene, WorldObject
 
-if TYPE_CHECKING:
-    from stages.world import WorldConfig
-
-__all__: list[str] = []
+__all__ = ["caption"]
 
 
 def _article(word: str) -> str:
@@ -46,7 +44,7 @@ def _relation(rng: random.Random, a: WorldObject, b: WorldObject) -> str:
     return rng.choice(("next to", "beside", "near"))
 
 
-def _caption(rng: random.Random, scene: Scene, cfg: WorldConfig, objects: list[WorldObject],
+def caption(rng: random.Random, scene: Scene, cfg: WorldConfig, objects: list[WorldObject],
              web: bool) -> tuple[str, list[list[int]]]:
     """A sentence naming ``objects`` (in that order); returns it and each object's [start, end)."""
     side = min(scene.width, scene.height)

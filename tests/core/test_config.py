@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from model.config import FusionKind, ModelConfig, load_model_config
-from model.typed_config import ConfigError, from_dict, load, merge_overrides, to_dict
+from core.config import ConfigError, from_dict, load, merge_overrides, to_dict
 
 
 class Color(str, enum.Enum):

@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import typed_config
+from core import config as typed_config
 from model.criterion import GLIPCriterion
-from model.typed_config import ConfigError
+from core.config import ConfigError
 from stages.gallery import iter_output_samples
-from stages.synthetic_train import write_training_mixture
-from stages.train import (EvalHookConfig, ModelEma, StepStatus, TrainConfig, WorkerContext, fit,
-                          load_train_config, lr_factor, make_optimizer, model_config, param_groups,
-                          train_step)
-from stages.train_data import TrainStream
-from stages.train_state import CheckpointStore, read_metrics
+from synth.training import write_training_mixture
+from trainer.config import EvalHookConfig, TrainConfig, load_train_config, model_config
+from trainer.solver import ModelEma, lr_factor, make_optimizer, param_groups
+from trainer.step import StepStatus, train_step
+from trainer.loop import WorkerContext, fit
+from trainer.data.sources import TrainStream
+from trainer.state import CheckpointStore, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "train" / "tiny_mixture.yaml"
@@ -196,7 +197,7 @@ def test_a_killed_writer_leaves_only_complete_checkpoints(tmp_path):
     complete, and the half-written one lies under a temporary name."""
     script = textwrap.dedent(f"""
         import torch
-        from stages.train_state import CheckpointStore
+        from trainer.state import CheckpointStore
         store = CheckpointStore({str(tmp_path)!r}, keep=2)
         for step in range(1, 1000):
             store.save(step, {{"step": step, "w": torch.full((32, 1024, 1024), float(step))}})
@@ -338,7 +339,7 @@ def test_workers_with_diverged_weights_are_caught(tmp_path):
         def run(rank, port, out):
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             dist.init_process_group("gloo", rank=rank, world_size=2)
-            from stages.train import _check_in_sync
+            from trainer.loop import _check_in_sync
             for same in (True, False):
                 torch.manual_seed(0 if same else rank)
                 try:
@@ -368,7 +369,7 @@ def test_checkpoints_and_metrics_on_an_object_store_path():
     """A non-local fsspec output (``memory://``) takes the upload code paths."""
     import fsspec
 
-    from stages.train_state import MetricsLog, write_json
+    from trainer.state import MetricsLog, write_json
 
     fs = fsspec.filesystem("memory")
     root = "memory://train-test-run"
@@ -397,7 +398,7 @@ def test_checkpoints_and_metrics_on_an_object_store_path():
 
 def test_init_from_a_checkpoint_of_ours_or_official(mixture, tiny_teacher, tmp_path):
     from model.checkpoint import load_pretrained, save_official
-    from stages.train import build_model
+    from trainer.loop import build_model
 
     teacher = load_pretrained(tiny_teacher)
     official = tmp_path / "official.pth"

@@ -1,0 +1,97 @@
+"""The trainer's data config: the sources (COCO detection, MDETR grounding, pseudo-labelled
+shards), their mixture weights and the data-loading knobs."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from core import config as typed_config
+from stages.readers.common import BoxConvention
+from stages.schema import UnlabelledPhrases
+from trainer.data.prompts import CaptionPackingConfig, DetectionPromptConfig
+
+__all__ = ["SourceKind", "UnlabelledPhrases", "TrainSourceConfig", "TrainDataConfig"]
+
+
+class SourceKind(str, enum.Enum):
+    COCO = "coco"        # COCO-format detection JSON + image root: class-name prompts with negatives
+    MDETR = "mdetr"      # MDETR-format grounding JSON + image root(s): captions as they are
+    PSEUDO = "pseudo"    # output shards of the teacher DAG: boxes screened at min_score
+
+
+@dataclass
+class TrainSourceConfig:
+    kind: SourceKind = SourceKind.MDETR
+    weight: float = 1.0                      # relative; use copies x size to mimic official "copies"
+    annotations: str = ""                    # coco/mdetr: the JSON (path or fsspec URL)
+    image_root: str = ""                     # coco/mdetr: folder the file names are relative to
+    image_roots: dict[str, str] = field(default_factory=dict)   # mdetr: data_source -> folder
+    shards: list[str] = field(default_factory=list)            # pseudo: OUTPUT/*.tar (globs, braces)
+    min_score: float = 0.5                   # pseudo: keep boxes scoring > min_score
+    prompt: DetectionPromptConfig = field(default_factory=DetectionPromptConfig)   # coco
+    pack_captions: CaptionPackingConfig | None = None   # mdetr/pseudo: negative captions; null = off
+    pool_size: int = 64                      # pseudo: captions kept as the packing pool
+    unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE   # pseudo: phrases left without a box
+    box_convention: BoxConvention = BoxConvention.LEGACY
+    shuffle: bool = True                     # reshuffle every epoch (seeded)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.kind in (SourceKind.COCO, SourceKind.MDETR):
+            if not self.annotations:
+                raise ValueError(f"annotations is empty: a {self.kind.value} source needs its JSON file")
+            if not self.image_root and not self.image_roots:
+                raise ValueError(f"image_root is empty: a {self.kind.value} source needs its image folder")
+            if self.shards:
+                raise ValueError(f"shards is set on a {self.kind.value} source; shards are for kind=pseudo")
+        else:
+            if not self.shards:
+                raise ValueError("shards is empty: a pseudo source needs its output shards, e.g. [out/run1/*.tar]")
+            if self.annotations:
+                raise ValueError("annotations is set on a pseudo source; it reads shards only")
+        if self.kind is SourceKind.COCO and self.pack_captions is not None:
+            raise ValueError("pack_captions applies to mdetr and pseudo sources (coco builds class-name prompts)")
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
+        if self.kind is not SourceKind.PSEUDO and self.unlabelled_phrases is not UnlabelledPhrases.NEGATIVE:
+            raise ValueError(f"unlabelled_phrases applies to pseudo sources (their captions keep the noun "
+                             f"phrases the teacher found no box for); a {self.kind.value} source labels "
+                             "every phrase it names: remove the key")
+
+
+@dataclass
+class TrainDataConfig:
+    # name -> source; YAML: ``sources: {o365: {kind: coco, ...}, goldg: {kind: mdetr, ...}}``
+    sources: dict[str, TrainSourceConfig] = field(default_factory=dict)
+    flip_prob: float = 0.5                   # AUGMENT.FLIP_PROB_TRAIN
+    prefetch_batches: int = 2                # built ahead in a background thread; 0 = none
+    max_consecutive_skips: int = 1000        # fail when this many samples in a row are unusable
+
+    def __post_init__(self) -> None:
+        converted = {}
+        for name, value in dict(self.sources).items():
+            if isinstance(value, TrainSourceConfig):
+                converted[str(name)] = value
+            else:
+                converted[str(name)] = typed_config.from_dict(TrainSourceConfig, value,
+                                                              prefix=f"data.sources.{name}.")
+        self.sources = converted
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("data.sources is empty: give at least one source, e.g. "
+                             "data.sources.goldg={kind: mdetr, annotations: ..., image_root: ...}")
+        for name, src in self.sources.items():
+            try:
+                src.validate()
+            except ValueError as exc:
+                raise ValueError(f"data.sources.{name}: {exc}") from None
+        if sum(s.weight for s in self.sources.values()) <= 0:
+            raise ValueError("data.sources: the weights sum to 0")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"data.flip_prob must be a probability, got {self.flip_prob}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
