@@ -71,7 +71,7 @@ def main() -> None:
                          seed=0, bad_samples=False)
         t = time.perf_counter()
         summary = api.run(None, [f"input.shards=[{tmp}/in/*.tar]", f"output.path={tmp}/out",
-                                 "progress=false", "ray.noun_phrase_actors=2"])
+                                 "progress=false", "stages.noun_phrases.resources.actors=2"])
         dt = time.perf_counter() - t
     n = summary.totals["read"]
     print(f"pipeline run end-to-end: {n} samples in {dt:.1f} s = {n / dt:.1f} captions/s "

@@ -88,8 +88,8 @@ def main() -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
         t = time.perf_counter()
         summary = api.run(None, [f"input.shards=[{tmp}/in/*.tar]", f"output.path={tmp}/out", "progress=false",
-                                 f"pseudo_label.checkpoint={teacher}", "pseudo_label.min_score=0.0",
-                                 f"pseudo_label.batch_size={args.batch}", "ray.max_shards_in_flight=2"])
+                                 f"stages.pseudo_label.checkpoint={teacher}", "stages.pseudo_label.min_score=0.0",
+                                 f"stages.pseudo_label.batch_size={args.batch}", "ray.max_shards_in_flight=2"])
         wall = time.perf_counter() - t
         ray.shutdown()
         first, last = summary.commits[0], summary.commits[-1]

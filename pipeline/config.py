@@ -1,7 +1,7 @@
 """The run config of ``pipeline run``: every key of the data DAG, read in one place.
 
 YAML files live in ``configs/pipeline/``; any key can be overridden on the command line with a
-dotted ``key=value`` (``ray.num_cpus=2``, ``noun_phrases.batch_size=512``). Problems (unknown key,
+dotted ``key=value`` (``ray.num_cpus=2``, ``stages.noun_phrases.batch_size=512``). Problems (unknown key,
 wrong type, missing file) raise :class:`ConfigError` before any work starts.
 """
 from __future__ import annotations
@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, from_dict, merge_overrides, read_yaml, to_dict
-from stages.ingest import IngestConfig
-from stages.noun_phrases import NounPhraseConfig
-from stages.pseudo_label import PseudoLabelConfig
+from stages.registry import DEFAULT_STAGES, stage_spec
 
 __all__ = ["ConfigError", "RunConfig", "load_run_config", "semantic_hash"]
 
@@ -41,30 +39,30 @@ class RayConfig:
     # null: start a local Ray in-process (or join RAY_ADDRESS if that is set); else a cluster address.
     address: str | None = None
     num_cpus: int | None = None             # local Ray only; null = all cores
-    # CPU actors running the noun-phrase stage (spaCy loaded once per actor). Fractional CPUs keep
-    # read/write tasks schedulable on small machines (see shared/ENV.md: 2 cores deadlock easily).
-    noun_phrase_actors: int = 1
-    actor_num_cpus: float = 0.5
-    task_num_cpus: float = 0.5              # read/ingest and write tasks
+    # The read and write tasks of a shard (stages with resources.actors 0 run in the read task).
+    # Fractional CPUs keep them schedulable next to the stage actors on small machines.
+    task_num_cpus: float = 0.5
     max_shards_in_flight: int = 4           # back-pressure: shards read but not yet committed
-    # Teacher actors (pseudo_label stage): each takes teacher_num_gpus GPUs when the cluster has
-    # GPUs, else it runs on CPU with actor_num_cpus.
-    teacher_actors: int = 1
-    teacher_num_gpus: float = 1.0
+
+
+def _default_stages() -> dict[str, Any]:
+    return {name: stage_spec(name).config_class() for name in DEFAULT_STAGES}
 
 
 @dataclass
 class RunConfig:
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    noun_phrases: NounPhraseConfig = field(default_factory=NounPhraseConfig)
-    # The GLIP teacher; null = the DAG stops after noun phrases (ingest -> noun_phrases -> write).
-    pseudo_label: PseudoLabelConfig | None = None
+    # The DAG, in order: stage name (stages/registry.py) -> its typed config, which carries its
+    # ``resources``. A null entry leaves that stage out (``stages.pseudo_label=null``).
+    stages: dict[str, Any] = field(default_factory=_default_stages)
     ray: RayConfig = field(default_factory=RayConfig)
     batch_size: int = 256                   # samples per stage call (the unit sent to an actor)
     seed: int = 0
     progress: bool = True                   # progress bars on stderr
+
+    def __post_init__(self) -> None:
+        self.stages = _typed_stages(self.stages, source=None)
 
     def validate(self) -> None:
         if not self.input.shards:
@@ -75,42 +73,84 @@ class RunConfig:
                              "e.g. output.path=out/run1")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.ray.noun_phrase_actors < 1:
-            raise ValueError("ray.noun_phrase_actors must be >= 1")
-        if self.ray.teacher_actors < 1:
-            raise ValueError("ray.teacher_actors must be >= 1")
         if self.ray.max_shards_in_flight < 1:
             raise ValueError("ray.max_shards_in_flight must be >= 1")
+
+
+def _typed_stages(raw: Any, source: str | None) -> dict[str, Any]:
+    """``stages:`` as read (name -> mapping or null) -> name -> typed config, order kept."""
+    where = f" in {source}" if source else ""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"stages{where}: expected a mapping of stage name -> settings, in DAG "
+                          f"order (e.g. stages: {{ingest: {{}}, noun_phrases: {{}}}}), got {raw!r}")
+    typed: dict[str, Any] = {}
+    for name, value in raw.items():
+        if value is None:
+            continue
+        try:
+            spec = stage_spec(str(name))
+        except ValueError as exc:
+            raise ConfigError(f"stages.{name}{where}: {exc}") from None
+        if isinstance(value, spec.config_class):
+            typed[name] = value
+        else:
+            typed[name] = from_dict(spec.config_class, value, source=source, prefix=f"stages.{name}.")
+    return typed
+
+
+# Keys of the earlier layout -> where they live now (a clear error instead of "unknown key").
+_MOVED = {
+    "ingest": "stages.ingest", "noun_phrases": "stages.noun_phrases", "pseudo_label": "stages.pseudo_label",
+    "ray.noun_phrase_actors": "stages.noun_phrases.resources.actors",
+    "ray.teacher_actors": "stages.pseudo_label.resources.actors",
+    "ray.teacher_num_gpus": "stages.pseudo_label.resources.num_gpus",
+    "ray.actor_num_cpus": "stages.<stage>.resources.num_cpus",
+}
+
+
+def _check_moved(data: dict, source: str) -> None:
+    for old, new in _MOVED.items():
+        head, _, tail = old.partition(".")
+        node = data.get(head)
+        if (tail and isinstance(node, dict) and tail in node) or (not tail and head in data):
+            raise ConfigError(f"{old} in {source}: stage settings moved under stages:, in DAG order; "
+                              f"write {new}{'.…' if not tail else ''} instead")
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
     """YAML file (optional) + overrides -> a validated RunConfig.
 
-    Relative local paths (in the file or on the command line) are relative to the current
-    directory, like any path a shell user types.
+    A file without ``stages:`` runs the default DAG (ingest, noun_phrases); an override such as
+    ``stages.pseudo_label.checkpoint=...`` adds the teacher after them. Relative local paths (in
+    the file or on the command line) are relative to the current directory, like any path a
+    shell user types.
     """
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "command line"
+    if "stages" not in data:
+        data["stages"] = {name: {} for name in DEFAULT_STAGES}
     if overrides:
         data = merge_overrides(data, overrides)
         if path is not None:
             source += " (with overrides)"
+    _check_moved(data, source)
+    data["stages"] = _typed_stages(data["stages"], source)
     return from_dict(RunConfig, data, source=source)
 
 
 def semantic_hash(cfg: RunConfig) -> str:
-    """sha256 of what determines the output bytes (stages and source), not of how it runs.
+    """sha256 of what determines the output bytes (the stages in order, their settings, the
+    source and seed), not of how it runs.
 
-    Ray sizing, progress bars and paths may change between a crashed run and its resume; the
-    stage settings may not (the output would mix two configs).
+    Ray sizing, each stage's ``resources`` (and any field its config class names in
+    ``runtime_fields``), progress bars and paths may change between a crashed run and its
+    resume; the stage settings may not (the output would mix two configs).
     """
-    payload = {
-        "source": cfg.input.source,
-        "ingest": to_dict(cfg.ingest),
-        "noun_phrases": to_dict(cfg.noun_phrases),
-        "pseudo_label": to_dict(cfg.pseudo_label),
-        "seed": cfg.seed,
-    }
+    stages = []
+    for name, stage_cfg in cfg.stages.items():
+        skip = {"resources", *getattr(type(stage_cfg), "runtime_fields", ())}
+        stages.append([name, {k: v for k, v in to_dict(stage_cfg).items() if k not in skip}])
+    payload = {"source": cfg.input.source, "stages": stages, "seed": cfg.seed}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 

@@ -1,9 +1,14 @@
-"""The stage DAG on Ray Core: ingest -> noun_phrases -> write, one input shard at a time.
+"""The stage DAG on Ray Core: read -> the config's stages, in order -> write, one input shard at a time.
 
-Why Ray Core and not Ray Data: the input shard is the unit of parallelism, resume and commit
-(DESIGN.md). Each shard flows as one object through
+Why Ray Core and not Ray Data: the input shard is the unit of parallelism, resume and commit.
+Each shard flows as one object through
 
-    read+ingest task  ->  stage actor(s) (model loaded once per actor)  ->  write task
+    read task (+ the leading stages with resources.actors 0)
+      -> one hop per further stage: its actors (set up once each) or, with actors 0, a task
+      -> write task
+
+The runner knows no stage by name: ``cfg.stages`` lists them and ``stages/registry.py`` builds
+them; each stage's ``resources`` say how it is hosted.
 
 and the driver, the only writer of ``_manifest.json``, records the shard when its write task
 returns. Actors restart and their calls are retried when a worker dies; a shard that still fails
@@ -60,16 +65,26 @@ class RunSummary:
 # --------------------------------------------------------------------------- work on one shard
 # Plain functions: the Ray wrappers below call them, and tests may call them directly.
 
-def read_and_ingest(url: str, name: str, cfg: RunConfig) -> ShardWork:
-    from stages.ingest import Ingest
+def read_and_process(url: str, name: str, cfg: RunConfig, stage_names: tuple[str, ...] = ()) -> ShardWork:
+    """Read one input shard and run ``stage_names`` (task-hosted stages) over its samples."""
     from stages.shards import read_shard
 
     started = time.time()
     with open_input(url, cfg.input.storage_options) as fh:
         contents = read_shard(fh, name, source=cfg.input.source)
-    samples, read_error = contents.samples, contents.error
-    Ingest(cfg.ingest)(samples)
-    return ShardWork(name=name, input=url, samples=samples, started=started, read_error=read_error)
+    work = ShardWork(name=name, input=url, samples=contents.samples, started=started,
+                     read_error=contents.error)
+    return run_in_task(work, cfg, stage_names)
+
+
+def run_in_task(work: ShardWork, cfg: RunConfig, stage_names: tuple[str, ...]) -> ShardWork:
+    """Task-hosted stages (``resources.actors == 0``): built and set up per shard."""
+    for stage_name in stage_names:
+        _maybe_inject_failure(stage_name)
+        stage = build_stage(stage_name, cfg)
+        stage.setup()
+        stage(work.samples)
+    return work
 
 
 def write_shard(work: ShardWork, cfg: RunConfig) -> tuple[ShardRecord, dict[str, Any]]:
@@ -95,19 +110,38 @@ def write_shard(work: ShardWork, cfg: RunConfig) -> tuple[ShardRecord, dict[str,
 
 
 def build_stage(stage_name: str, cfg: RunConfig):
-    """The stage object for ``stage_name`` from its config section."""
-    if stage_name == "noun_phrases":
-        from stages.noun_phrases import NounPhrases
-        return NounPhrases(cfg.noun_phrases)
-    if stage_name == "pseudo_label":
-        from stages.pseudo_label import PseudoLabel
-        return PseudoLabel(cfg.pseudo_label)
-    raise ValueError(f"unknown stage {stage_name!r}")
+    """The stage object for ``stage_name`` from its entry in ``cfg.stages``."""
+    from stages.registry import stage_spec
+    return stage_spec(stage_name).stage_class(cfg.stages[stage_name])
 
 
-def stage_names(cfg: RunConfig) -> list[str]:
-    """The actor-hosted stages of the DAG, in order (ingest and write run as tasks)."""
-    return ["noun_phrases"] + (["pseudo_label"] if cfg.pseudo_label is not None else [])
+@dataclass(frozen=True)
+class Hop:
+    """One step of a shard's way: stages run by the same actors (``actors >= 1``, one stage) or
+    the same task (``actors == 0``: consecutive task-hosted stages fused)."""
+    stages: tuple[str, ...]
+    actors: int
+    num_cpus: float
+    num_gpus: float = 0.0
+
+
+def plan(cfg: RunConfig) -> tuple[tuple[str, ...], list[Hop]]:
+    """(stages fused into the read task, the hops after it), from ``cfg.stages`` in order."""
+    leading: list[str] = []
+    hops: list[Hop] = []
+    for name, stage_cfg in cfg.stages.items():
+        res = stage_cfg.resources
+        if res.actors == 0:
+            if not hops:
+                leading.append(name)
+            elif hops[-1].actors == 0:
+                last = hops[-1]
+                hops[-1] = Hop(last.stages + (name,), 0, max(last.num_cpus, res.num_cpus))
+            else:
+                hops.append(Hop((name,), 0, res.num_cpus))
+        else:
+            hops.append(Hop((name,), res.actors, res.num_cpus, res.num_gpus))
+    return tuple(leading), hops
 
 
 def _maybe_inject_failure(stage_name: str) -> None:
@@ -213,9 +247,13 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
     import ray
     from tqdm import tqdm
 
-    read_task = ray.remote(num_cpus=cfg.ray.task_num_cpus, max_retries=3)(read_and_ingest)
+    leading, hops = plan(cfg)
+    lead_cpus = max([cfg.ray.task_num_cpus] + [cfg.stages[n].resources.num_cpus for n in leading])
+    read_task = ray.remote(num_cpus=lead_cpus, max_retries=3)(read_and_process)
     write_task = ray.remote(num_cpus=cfg.ray.task_num_cpus, max_retries=3)(write_shard)
-    pools = {name: _actor_pool(name, cfg) for name in stage_names(cfg)}
+    pools = [_actor_pool(hop, cfg) if hop.actors else
+             ray.remote(num_cpus=hop.num_cpus, max_retries=3, retry_exceptions=True)(run_in_task)
+             for hop in hops]
     inflight: dict[Any, tuple[str, list[tuple[ActorPool, int]]]] = {}
     queue = list(pending)
     bar = tqdm(total=len(pending), unit="shard", desc="pipeline run", disable=not cfg.progress,
@@ -226,9 +264,12 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
         while queue or inflight:
             while queue and len(inflight) < cfg.ray.max_shards_in_flight:
                 url, name = queue.pop(0)
-                work = read_task.remote(url, name, cfg)
+                work = read_task.remote(url, name, cfg, leading)
                 used = []
-                for pool in pools.values():
+                for hop, pool in zip(hops, pools):
+                    if not isinstance(pool, ActorPool):
+                        work = pool.remote(work, cfg, hop.stages)
+                        continue
                     slot = pool.pick()
                     # retry_exceptions: a batch that raised (OOM, a flaky device) is tried again
                     work = pool.actors[slot].process.options(retry_exceptions=True).remote(work)
@@ -260,8 +301,8 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
                 bar.update(1)
     finally:
         bar.close()
-        for pool in pools.values():
-            for actor in pool.actors:
+        for pool in pools:
+            for actor in getattr(pool, "actors", ()):
                 ray.kill(actor)
 
 
@@ -277,19 +318,18 @@ class ActorPool:
         return slot
 
 
-def _actor_pool(stage_name: str, cfg: RunConfig) -> ActorPool:
-    """Start the actors of a stage; the teacher gets GPUs when the cluster has them."""
+def _actor_pool(hop: Hop, cfg: RunConfig) -> ActorPool:
+    """Start the actors of a stage; ``num_gpus`` applies when the cluster has GPUs, else the
+    stage runs on CPU actors."""
     import ray
 
-    options: dict[str, Any] = {"num_cpus": cfg.ray.actor_num_cpus, "max_restarts": -1,
-                               "max_task_retries": 3}
-    count = cfg.ray.noun_phrase_actors
-    if stage_name == "pseudo_label":
-        count = cfg.ray.teacher_actors
+    (stage_name,) = hop.stages
+    options: dict[str, Any] = {"num_cpus": hop.num_cpus, "max_restarts": -1, "max_task_retries": 3}
+    if hop.num_gpus:
         if ray.cluster_resources().get("GPU", 0) > 0:
-            options["num_gpus"] = cfg.ray.teacher_num_gpus
+            options["num_gpus"] = hop.num_gpus
         else:
-            log.info("no GPU in the Ray cluster: the teacher runs on CPU actors")
+            log.info("no GPU in the Ray cluster: stage %s runs on CPU actors", stage_name)
     actor_cls = ray.remote(**options)(StageWorker)
-    actors = [actor_cls.remote(stage_name, cfg) for _ in range(count)]
-    return ActorPool(actors=actors, load=[0] * count)
+    actors = [actor_cls.remote(stage_name, cfg) for _ in range(hop.actors)]
+    return ActorPool(actors=actors, load=[0] * hop.actors)

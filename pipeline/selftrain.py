@@ -48,7 +48,7 @@ class SelfTrainConfig:
     # the control: the student's recipe (init, steps, seed) without the pseudo source, so that
     # student - control is what the pseudo labels add and not what more steps add
     control: bool = True
-    teacher_min_score: float = 0.3       # pseudo_label.min_score: boxes stored (with their scores)
+    teacher_min_score: float = 0.3       # stages.pseudo_label.min_score: boxes stored (with their scores)
     student_min_score: float = 0.4       # the student reads pseudo boxes scoring above this
     pseudo_weight: float = 1.0           # mixture weight of the pseudo source for the student
     # a caption phrase left without a box (> student_min_score): negative everywhere (official) or
@@ -137,7 +137,7 @@ def _label(cfg: SelfTrainConfig, world, teacher: str, out: Path):
 
     run_cfg = load_run_config(None, [
         f"input.shards=[{world.root / 'web'}/*.tar]", f"output.path={out}", "input.source=web", f"seed={cfg.seed}", f"progress={str(cfg.progress).lower()}",
-        f"pseudo_label.checkpoint={teacher}", f"pseudo_label.min_score={cfg.teacher_min_score}",
+        f"stages.pseudo_label.checkpoint={teacher}", f"stages.pseudo_label.min_score={cfg.teacher_min_score}",
         *cfg.label_overrides])
     return runner.run(run_cfg)
 

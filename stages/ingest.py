@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from stages.base import BaseStage
+from stages.base import BaseStage, Resources
 from stages.schema import DropReason, Sample
 
 __all__ = ["IngestConfig", "Ingest", "EXIF_ORIENTATION_TAG"]
@@ -50,6 +50,7 @@ class IngestConfig:
     max_size: int = 10000               # longer side, pixels
     max_pixels: int = 89_478_485        # width * height above this: a decompression bomb
     max_caption_chars: int = 1000       # characters of the stripped caption
+    resources: Resources = field(default_factory=Resources)   # actors 0: inside the read task
 
     def validate(self) -> None:
         """Raise ValueError naming the field (``core.config`` calls this on load)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from stages.base import BaseStage
+from stages.base import BaseStage, Resources
 from stages.schema import DropReason, Phrase, Sample
 
 __all__ = ["NounPhraseConfig", "NounPhrases", "DEFAULT_BLOCKLIST", "MODEL_FALLBACKS",
@@ -63,6 +63,8 @@ class NounPhraseConfig:
     batch_size: int = 256
     blocklist: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCKLIST))
     max_phrases: int = 32
+    # spaCy is loaded once per actor; fractional CPUs leave room for the read/write tasks
+    resources: Resources = field(default_factory=lambda: Resources(actors=1, num_cpus=0.5))
 
     def validate(self) -> None:
         """Raise ValueError naming the field (``core.config`` calls this on load)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.config import CheckpointFormat
-from stages.base import BaseStage
+from stages.base import BaseStage, Resources
 from stages.schema import DropReason, Sample
 
 
@@ -51,6 +51,8 @@ class PseudoLabelConfig:
     batch_size: int = 8
     device: str = "auto"                    # auto = cuda when available, else cpu
     precision: Precision = Precision.AUTO
+    # per actor: num_gpus GPUs when the Ray cluster has GPUs, else the teacher runs on CPU
+    resources: Resources = field(default_factory=lambda: Resources(actors=1, num_cpus=0.5, num_gpus=1.0))
 
     def validate(self) -> None:
         if not self.checkpoint:

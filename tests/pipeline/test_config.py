@@ -26,21 +26,22 @@ def _write(tmp_path, text):
 
 def test_overrides_reach_nested_stage_configs(tmp_path):
     path = _write(tmp_path, "input: {shards: [a.tar]}\noutput: {path: out}\n")
-    cfg = load_run_config(path, ["noun_phrases.batch_size=64", "ray.noun_phrase_actors=3"])
+    cfg = load_run_config(path, ["stages.noun_phrases.batch_size=64", "stages.noun_phrases.resources.actors=3"])
     assert isinstance(cfg, RunConfig)
-    assert cfg.noun_phrases.batch_size == 64 and cfg.ray.noun_phrase_actors == 3
+    nouns = cfg.stages["noun_phrases"]
+    assert nouns.batch_size == 64 and nouns.resources.actors == 3
 
 
 def test_semantic_hash_ignores_how_it_runs_but_not_what_it_computes(tmp_path):
     path = _write(tmp_path, "input: {shards: [a.tar]}\noutput: {path: out}\n")
     base = semantic_hash(load_run_config(path))
-    assert semantic_hash(load_run_config(path, ["ray.noun_phrase_actors=5", "progress=false"])) == base
-    assert semantic_hash(load_run_config(path, ["ingest.min_size=100"])) != base
+    assert semantic_hash(load_run_config(path, ["stages.noun_phrases.resources.actors=5", "progress=false"])) == base
+    assert semantic_hash(load_run_config(path, ["stages.ingest.min_size=100"])) != base
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("ingest.min_sise=3", "unknown key ingest.min_sise"),
-    ("ingest.min_size=big", "ingest.min_size"),
+    ("stages.ingest.min_sise=3", "unknown key stages.ingest.min_sise"),
+    ("stages.ingest.min_size=big", "stages.ingest.min_size"),
     ("batch_size=0", "batch_size must be >= 1"),
 ])
 def test_bad_values_are_named(tmp_path, override, expected):
@@ -50,8 +51,8 @@ def test_bad_values_are_named(tmp_path, override, expected):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["ingest.max_sise=3"], "unknown key ingest.max_sise"),
-    (["ray.noun_phrase_actors=two"], "ray.noun_phrase_actors"),
+    (["stages.ingest.max_sise=3"], "unknown key stages.ingest.max_sise"),
+    (["stages.noun_phrases.resources.actors=two"], "stages.noun_phrases.resources.actors"),
     (["input.shards=[missing/{00000..00002}.tar]"], "missing/00000.tar matches no file"),
 ])
 def test_cli_fails_with_one_line_and_writes_nothing(tmp_path, args, expected):

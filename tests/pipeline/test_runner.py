@@ -122,7 +122,17 @@ def test_same_input_and_config_give_byte_identical_output(web_shards, first_run,
     root, _ = web_shards
     out, _ = first_run
     other = tmp_path / "again"
-    api.run(_cfg(f"{root}/*.tar", other, "ray.noun_phrase_actors=2", "ray.max_shards_in_flight=1"))
+    api.run(_cfg(f"{root}/*.tar", other, "stages.noun_phrases.resources.actors=2", "ray.max_shards_in_flight=1"))
+    assert _output_files(other) == _output_files(out)
+
+
+def test_how_a_stage_is_hosted_does_not_change_the_output(web_shards, first_run, tmp_path):
+    """Ingest on its own actors and noun phrases inside a task: the same bytes."""
+    root, _ = web_shards
+    out, _ = first_run
+    other = tmp_path / "hosted"
+    api.run(_cfg(f"{root}/*.tar", other, "stages.ingest.resources.actors=1",
+                 "stages.noun_phrases.resources.actors=0"))
     assert _output_files(other) == _output_files(out)
 
 
@@ -132,7 +142,7 @@ def test_resume_into_an_output_made_with_another_config_is_refused(web_shards, f
     root, _ = web_shards
     out, _ = first_run
     with pytest.raises(StorageError, match="different stage config"):
-        api.run(_cfg(f"{root}/*.tar", out, "ingest.min_size=100"))
+        api.run(_cfg(f"{root}/*.tar", out, "stages.ingest.min_size=100"))
 
 
 def test_a_missing_shard_file_is_redone(web_shards, first_run, tmp_path):

@@ -19,7 +19,7 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
         # an untrained teacher scores ~0.01 everywhere: let its boxes through so the student
         # really reads pseudo labels in this short test
         "teacher_min_score=0.0", "student_min_score=0.0", "unlabelled_phrases=ignore", "pack_captions=2",
-        "label_overrides=[\"pseudo_label.model_overrides=[inference.score_threshold=0.0]\"]"])
+        "label_overrides=[\"stages.pseudo_label.model_overrides=[inference.score_threshold=0.0]\"]"])
     selftrain(cfg)
     report = (tmp_path / "REPORT.md").read_text()
     results = json.loads((tmp_path / "results.json").read_text())["results"]

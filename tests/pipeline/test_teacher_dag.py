@@ -22,8 +22,8 @@ TEACHER_OVERRIDES = ["inference.score_threshold=0.0", "input.min_size_test=128",
 
 def _args(root, out, teacher, *extra):
     return [f"input.shards=[{root}/*.tar]", f"output.path={out}", "progress=false", "input.source=test",
-            f"pseudo_label.checkpoint={teacher}", f"pseudo_label.model_overrides={json.dumps(TEACHER_OVERRIDES)}",
-            "pseudo_label.min_score=0.06", "pseudo_label.batch_size=4", *extra]
+            f"stages.pseudo_label.checkpoint={teacher}", f"stages.pseudo_label.model_overrides={json.dumps(TEACHER_OVERRIDES)}",
+            "stages.pseudo_label.min_score=0.06", "stages.pseudo_label.batch_size=4", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_manifest_carries_the_labeler(labelled, tiny_teacher):
     manifest = json.loads((out / "_manifest.json").read_text())
     labeler = manifest["extra"]["labeler"]
     assert labeler["min_score"] == 0.06 and len(labeler["checkpoint_sha256"]) == 64
-    assert manifest["config"]["pseudo_label"]["checkpoint"] == str(tiny_teacher)
+    assert manifest["config"]["stages"]["pseudo_label"]["checkpoint"] == str(tiny_teacher)
 
 
 def test_teacher_failure_is_retried_and_output_equals_clean_run(shards, labelled, tiny_teacher, tmp_path):
