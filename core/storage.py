@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
+import posixpath
 import tempfile
 import uuid
 from typing import IO, Any, Callable
@@ -30,7 +32,7 @@ from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
 __all__ = ["Folder", "ListingError", "is_local", "join", "expand_shards", "open_input", "shard_name",
-           "sha256_bytes"]
+           "sha256_bytes", "read_bytes", "is_dir", "join_root"]
 
 
 class ListingError(FileNotFoundError):
@@ -70,7 +72,10 @@ class Folder:
         """``writer(binary file)`` produces the bytes of ``name``; readers see all of it or nothing."""
         self.ensure()
         if self.local:
-            tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
+            folder, base = os.path.split(self.path(name))
+            if folder != self.root.rstrip("/"):
+                os.makedirs(folder, exist_ok=True)      # a name in a sub-folder: images/KEY.jpg
+            tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
             try:
                 with open(tmp, "wb") as fh:
                     writer(fh)
@@ -86,6 +91,15 @@ class Folder:
             writer(fh)
             fh.flush()
             self.fs.put_file(fh.name, self.path(name))
+
+    def write_text_with(self, name: str, writer: Callable[[IO[str]], Any]) -> None:
+        """``write_with`` for UTF-8 text: ``writer(text file)``."""
+        def binary(fh: IO[bytes]) -> None:
+            text = io.TextIOWrapper(fh, encoding="utf-8", newline="\n", write_through=True)
+            writer(text)
+            text.flush()
+            text.detach()
+        self.write_with(name, binary)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write ``name`` so that readers see either nothing or all of ``data``."""
@@ -149,6 +163,26 @@ class Folder:
             except FileNotFoundError:
                 pass
         return len(stale)
+
+
+# ------------------------------------------------------------------------------ single files
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None, compression: str | None = None) -> bytes:
+    """A whole file's bytes (``compression="infer"``: ``.gz``/``.bz2``/``.xz`` decompressed);
+    a missing file raises FileNotFoundError."""
+    with fsspec.open(str(url), "rb", compression=compression, **(storage_options or {})) as fh:
+        return fh.read()
+
+
+def is_dir(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = url_to_fs(str(url), **(storage_options or {}))
+    return bool(fs.isdir(path))
+
+
+def join_root(root: str, name: str) -> str:
+    """A folder (path or URL) + a relative file name (URL roots join with ``/``)."""
+    if "://" in root:
+        return posixpath.join(root, name.lstrip("/"))
+    return os.path.join(root, name)
 
 
 # ------------------------------------------------------------------------------ shard listing

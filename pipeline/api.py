@@ -26,6 +26,8 @@ def run(config: str | os.PathLike | RunConfig | None = None, overrides: list[str
         cfg = config
     else:
         cfg = load_run_config(config, overrides)
+    from pipeline.preflight import check_run
+    check_run(cfg)
     return runner.run(cfg)
 
 
@@ -74,7 +76,9 @@ def format_summary(summary: runner.RunSummary) -> str:
         f"samples  read {t.get('read', 0)} = kept {t.get('kept', 0)} + dropped {t.get('dropped', 0)}",
         f"time     {summary.seconds:.1f} s",
     ]
+    from pipeline.errors import strip_ansi
     for name, err in sorted(summary.shards_failed.items()):
+        err = " ".join(strip_ansi(err).split())
         lines.append(f"FAILED   {name}: {err} (rerun to retry; committed shards are kept)")
     return "\n".join(lines)
 
@@ -92,7 +96,9 @@ def predict(image: str, checkpoint: str, model: str = "glip_t", classes: list[st
     """One image: detect ``classes`` or ground ``caption``'s noun phrases; optionally draw them."""
     from model.load import load_glip
     from model.predictor import Predictor
+    from pipeline.preflight import check_predict
 
+    check_predict(image, checkpoint, model, overrides)
     net, _ = load_glip(checkpoint, model=model, overrides=overrides)
     predictor = Predictor(net, batch_size=1)
     data = Path(image).read_bytes()
@@ -114,7 +120,7 @@ def predict(image: str, checkpoint: str, model: str = "glip_t", classes: list[st
               "phrases": [p for p, k in zip(det.phrases, keep.tolist()) if k],
               "tokens_positive": [[spans[int(i)]] for i in det.labels[keep].tolist()]}
     if out:
-        from stages.gallery import draw_sample
+        from pipeline.gallery import draw_sample
         from PIL import Image
         import io
         im = Image.open(io.BytesIO(data))
@@ -135,7 +141,7 @@ def _output_shards(output: str, storage_options: dict | None) -> list[str]:
 def show(output: str, out: str | None = None, n: int = 24, seed: int = 0, min_score: float | None = None,
          storage_options: dict | None = None) -> dict:
     """An HTML gallery of ``n`` samples of a run's output shards (default ``OUTPUT/gallery``)."""
-    from stages.gallery import gallery_from_shards
+    from pipeline.gallery import gallery_from_shards
     out = out or output.rstrip("/") + "/gallery"
     return gallery_from_shards(_output_shards(output, storage_options), out, n=n, seed=seed,
                                min_score=min_score, storage_options=storage_options)
@@ -144,7 +150,7 @@ def show(output: str, out: str | None = None, n: int = 24, seed: int = 0, min_sc
 def export(output: str, out: str, fmt: str, min_score: float | None = None,
            storage_options: dict | None = None) -> dict:
     """Export a run's output shards as ODVG jsonl or MDETR JSON, images alongside."""
-    from stages.export import export_shards
+    from pipeline.export import export_shards
     return export_shards(_output_shards(output, storage_options), out, format=fmt,
                          storage_options=storage_options, min_score=min_score)
 
@@ -167,6 +173,9 @@ def train(config: str | os.PathLike | None = None, overrides: list[str] | None =
 
 def selftrain(config: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
     """The teacher-student loop of ``configs/demo.yaml`` (see pipeline/selftrain.py)."""
+    from pipeline.preflight import check_selftrain
     from pipeline.selftrain import load_selftrain_config
     from pipeline.selftrain import selftrain as _selftrain
-    return _selftrain(load_selftrain_config(config or SELFTRAIN_CONFIG, overrides))
+    cfg = load_selftrain_config(config or SELFTRAIN_CONFIG, overrides)
+    check_selftrain(cfg)
+    return _selftrain(cfg)

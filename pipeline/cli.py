@@ -54,7 +54,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
     from pipeline.evaluation import load_eval_config, run_eval
-    from stages.evaluate import format_metrics_table
+    from evaluation.detection import format_metrics_table
     config, overrides = _split_config(ns.args)
     metrics = run_eval(load_eval_config(config, overrides))
     print(format_metrics_table(metrics, title=f"{metrics['kind']}: {metrics['checkpoint']}"))

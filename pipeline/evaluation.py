@@ -5,6 +5,10 @@ Detection: prompts are built from the category names, chunked when they exceed t
 (``inference.chunk_size`` names per prompt, as the official LVIS evaluation); detections of all
 chunks are concatenated. Grounding: each evaluation phrase's spans are the entities of its
 caption. Metrics JSON and predictions JSON are written next to each other.
+
+``run_eval`` checks its inputs first (``pipeline.preflight.check_eval``): a grounding file without
+``tokens_positive_eval`` (a GoldG-style training file) is refused before the model loads rather
+than scored on its training spans, whose phrases are not the evaluation protocol's.
 """
 from __future__ import annotations
 
@@ -71,7 +75,7 @@ def _progress(total: int, cfg: EvalConfig, desc: str):
 
 
 def evaluate_detection(cfg: EvalConfig, predictor) -> tuple[dict, list[dict]]:
-    from stages.evaluate import DetectionEvalConfig, coco_detection_metrics
+    from evaluation.detection import DetectionEvalConfig, coco_detection_metrics
     from stages.readers.coco import CocoDetectionReader, CocoReaderConfig
     from stages.readers.common import BoxConvention, load_json, xyxy_to_xywh
 
@@ -103,7 +107,7 @@ def evaluate_detection(cfg: EvalConfig, predictor) -> tuple[dict, list[dict]]:
 
 
 def evaluate_grounding(cfg: EvalConfig, predictor) -> tuple[dict, list[dict]]:
-    from stages.evaluate import GroundingEvalConfig, grounding_metrics
+    from evaluation.detection import GroundingEvalConfig, grounding_metrics
     from stages.readers.mdetr import MdetrGroundingReader, MdetrReaderConfig
 
     reader = MdetrGroundingReader(MdetrReaderConfig(annotations=cfg.annotations, image_root=cfg.image_root,
@@ -135,8 +139,11 @@ def evaluate_grounding(cfg: EvalConfig, predictor) -> tuple[dict, list[dict]]:
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate; returns the metrics (also written to ``cfg.output``)."""
-    from stages.evaluate import write_results
+    from evaluation.detection import write_results
 
+    from pipeline.preflight import check_eval
+
+    check_eval(cfg)                  # checkpoint, ground truth and images, before the model loads
     t0 = time.time()
     predictor, sha = _predictor(cfg)
     if cfg.kind is EvalKind.DETECTION:

@@ -193,15 +193,14 @@ def _loss_plot(runs: dict[str, Path], path: Path) -> str | None:
 
 def _pseudo_quality(world, pseudo: Path) -> dict | None:
     """Pseudo labels vs the world's true boxes (analysis only: training never sees the truth)."""
-    from stages.output_shards import iter_output_samples
+    from pipeline.storage import iter_output_samples
     from synth.truth import load_truth, pseudo_label_quality
 
     truth_file = Path(world.root) / "web_truth.json"
     if not truth_file.exists():
         return None
     truth, rare = load_truth(truth_file)
-    records = ((s.shard, s.record) for s in iter_output_samples(sorted(str(p) for p in pseudo.glob("*.tar"))))
-    return pseudo_label_quality(records, truth, rare)
+    return pseudo_label_quality(iter_output_samples(sorted(str(p) for p in pseudo.glob("*.tar"))), truth, rare)
 
 
 def _quality_lines(quality: dict | None, min_score: float) -> list[str]:

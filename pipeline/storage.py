@@ -24,7 +24,8 @@ def expand_shards(patterns: list[str], storage_options: dict[str, Any] | None = 
         raise StorageError(str(exc)) from None
 
 
-__all__ = ["StorageError", "OutputDir", "expand_shards", "open_input", "sha256_bytes", "shard_name"]
+__all__ = ["StorageError", "OutputDir", "expand_shards", "iter_output_samples", "open_input", "sha256_bytes",
+           "shard_name"]
 
 
 class OutputDir(Folder):
@@ -38,3 +39,21 @@ class OutputDir(Folder):
             super().ensure()
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot create output {self.url}: {type(exc).__name__}: {exc}") from exc
+
+
+def iter_output_samples(shards, storage_options: dict[str, Any] | None = None):
+    """The ``Sample`` s of output shards (paths or URLs), shard after shard, in the order given
+    (``stages.readers.output.read_output_samples`` over ``core.storage.open_input``)."""
+    import os
+
+    from stages.readers.output import read_output_samples
+
+    for url in [shards] if isinstance(shards, (str, os.PathLike)) else shards:
+        url = os.fspath(url)
+        try:
+            fh = open_input(url, storage_options)
+        except FileNotFoundError:
+            raise StorageError(f"output shard {url} does not exist; list the OUTPUT/*.tar files of a "
+                               "finished run") from None
+        with fh:
+            yield from read_output_samples(fh, name=url)

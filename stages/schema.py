@@ -1,15 +1,23 @@
-"""The grounding sample: the one schema every stage, reader and writer speaks (DESIGN.md).
+"""The grounding sample: the one schema every stage, reader and writer speaks.
 
 A ``Sample`` flows through every stage of the DAG. Stages never remove samples from a batch:
 a stage that rejects one sets ``status = DROPPED`` with a reason from ``DropReason`` and later
 stages pass it through untouched. So the writer sees every attempted sample, and
 ``read = kept + dropped`` holds by construction.
+
+The record (``KEY.json`` of an output shard; docs/architecture.md, "The grounding sample") has
+one owner: ``Sample.to_record`` writes it, ``Sample.from_record`` reads it back (after
+``check_record``), and every reader of output shards goes through the pair.
 """
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+_FIX_RECORD = ("the shard was not written by stages.write.encode_shard or is damaged; rerun the "
+               "pipeline for its input shard")
 
 
 class Status(str, enum.Enum):
@@ -49,6 +57,68 @@ class Phrase:
 
     def to_json(self) -> dict:
         return {"text": self.text, "span": [int(self.span[0]), int(self.span[1])]}
+
+
+# ------------------------------------------------------------------------------- the record
+def _fail(where: str, field: str, problem: str, fix: str = _FIX_RECORD) -> ValueError:
+    return ValueError(f"{where}: {field}: {problem}. Fix: {fix}")
+
+
+def is_finite_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _check_span(span: Any, n_chars: int, where: str, field: str) -> None:
+    if (not isinstance(span, list) or len(span) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in span)
+            or not 0 <= span[0] < span[1] <= n_chars):
+        raise _fail(where, field, f"expected a [start, end) span inside the caption ({n_chars} "
+                    f"characters), got {span!r:.60}")
+
+
+def check_record(record: Any, where: str) -> None:
+    """Raise ValueError naming ``where`` and the field when a ``KEY.json`` record is malformed."""
+    if not isinstance(record, dict):
+        raise _fail(where, "(record)", f"expected a JSON object, got {type(record).__name__}")
+    caption = record.get("caption")
+    if not isinstance(caption, str):
+        raise _fail(where, "caption", f"expected a string, got {caption!r:.60}")
+    for name in ("width", "height"):
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise _fail(where, name, f"expected a positive integer, got {value!r}")
+    phrases = record.get("phrases", [])
+    if not isinstance(phrases, list):
+        raise _fail(where, "phrases", f"expected a list, got {type(phrases).__name__}")
+    for i, phrase in enumerate(phrases):
+        if not isinstance(phrase, dict) or not isinstance(phrase.get("text"), str):
+            raise _fail(where, f"phrases[{i}]", f"expected {{text, span}}, got {phrase!r:.60}")
+        _check_span(phrase.get("span"), len(caption), where, f"phrases[{i}].span")
+    boxes = record.get("boxes")
+    if not isinstance(boxes, list):
+        raise _fail(where, "boxes", f"expected a list of [x1, y1, x2, y2], got {boxes!r:.60}")
+    for i, box in enumerate(boxes):
+        if not isinstance(box, list) or len(box) != 4 or not all(is_finite_number(v) for v in box):
+            raise _fail(where, f"boxes[{i}]", f"expected 4 finite numbers, got {box!r:.60}")
+        if box[2] < box[0] or box[3] < box[1]:
+            raise _fail(where, f"boxes[{i}]", f"x2 < x1 or y2 < y1 in {box!r}",
+                        "boxes are absolute [x1, y1, x2, y2]; " + _FIX_RECORD)
+    spans = record.get("tokens_positive")
+    if not isinstance(spans, list) or len(spans) != len(boxes):
+        raise _fail(where, "tokens_positive", f"expected one list of spans per box "
+                    f"({len(boxes)}), got {spans!r:.60}")
+    for i, box_spans in enumerate(spans):
+        if not isinstance(box_spans, list) or not box_spans:
+            raise _fail(where, f"tokens_positive[{i}]", "expected a non-empty list of spans")
+        for j, span in enumerate(box_spans):
+            _check_span(span, len(caption), where, f"tokens_positive[{i}][{j}]")
+    if "scores" in record:
+        scores = record["scores"]
+        if (not isinstance(scores, list) or len(scores) != len(boxes)
+                or not all(is_finite_number(s) for s in scores)):
+            raise _fail(where, "scores", f"expected one finite number per box ({len(boxes)}), "
+                        f"got {scores!r:.60}")
 
 
 @dataclass
@@ -92,7 +162,7 @@ class Sample:
         self.image = None
 
     def to_record(self) -> dict[str, Any]:
-        """The ``KEY.json`` of an output shard (DESIGN.md, "The grounding sample")."""
+        """The ``KEY.json`` of an output shard (the inverse of ``from_record``)."""
         record: dict[str, Any] = {
             "key": self.key,
             "source": self.source,
@@ -109,8 +179,28 @@ class Sample:
             record["labeler"] = self.labeler
         return record
 
+    @classmethod
+    def from_record(cls, record: Any, *, image: bytes | None = None, image_ext: str | None = None,
+                    input_shard: str = "", where: str | None = None) -> "Sample":
+        """A kept sample from a ``KEY.json`` record (and its image): ``to_record``'s inverse.
+
+        The record is checked first (``check_record``); a malformed one raises ValueError naming
+        ``where`` (default: the shard and key), the field and the fix.
+        """
+        where = where or f"{input_shard or 'record'} {record.get('key', '?') if isinstance(record, dict) else '?'}"
+        check_record(record, where)
+        return cls(
+            key=str(record.get("key", "")), input_shard=input_shard, source=str(record.get("source", "")),
+            image=image, image_ext=image_ext, caption=record["caption"],
+            width=record["width"], height=record["height"],
+            phrases=[Phrase(p["text"], (int(p["span"][0]), int(p["span"][1])))
+                     for p in record.get("phrases", [])],
+            boxes=[[float(v) for v in b] for b in record["boxes"]],
+            tokens_positive=[[[int(a), int(b)] for a, b in spans] for spans in record["tokens_positive"]],
+            scores=[float(v) for v in record.get("scores", [])], labeler=record.get("labeler"))
+
     def stats_row(self) -> dict[str, Any]:
-        """One Parquet row (DESIGN.md, "Output layout and statistics")."""
+        """One Parquet row (docs/architecture.md, "Output layout and statistics")."""
         return {
             "key": self.key,
             "input_shard": self.input_shard,

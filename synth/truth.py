@@ -23,8 +23,9 @@ from typing import Iterable
 
 import numpy as np
 
-from stages.grounding_eval import box_iou
+from evaluation.grounding import box_iou
 from stages.readers.common import BoxConvention, xywh_to_xyxy
+from stages.schema import Sample
 
 __all__ = ["pseudo_label_quality", "load_truth"]
 
@@ -37,10 +38,11 @@ def load_truth(path: str | Path) -> tuple[dict[tuple[str, str], dict], set[str]]
     return samples, rare
 
 
-def pseudo_label_quality(records: Iterable[tuple[str, dict]], truth: dict[tuple[str, str], dict],
+def pseudo_label_quality(samples: Iterable[Sample], truth: dict[tuple[str, str], dict],
                          rare: set[str], iou_threshold: float = 0.5) -> dict[str, dict]:
-    """``records``: (shard name, output record) pairs of the pseudo-labelled shards (every kept
-    sample; a web image missing from them contributes its mentioned objects only). Returns
+    """``samples``: the pseudo-labelled shards' samples (``pipeline.storage.iter_output_samples``;
+    ``input_shard`` is the shard name; a web image missing from them contributes its mentioned
+    objects only). Returns
     {"rare": {...}, "common": {...}, "unmatched": n} as described above."""
     groups = {g: {"boxes": 0, "correct": 0, "mentioned": 0} for g in ("rare", "common")}
     for sample in truth.values():
@@ -48,12 +50,12 @@ def pseudo_label_quality(records: Iterable[tuple[str, dict]], truth: dict[tuple[
             if obj.get("mentioned"):
                 groups["rare" if obj["name"] in rare else "common"]["mentioned"] += 1
     unmatched = 0
-    for shard, record in records:
-        sample = truth.get((shard, record["key"]))
+    for pseudo in samples:
+        sample = truth.get((pseudo.input_shard, pseudo.key))
         if sample is None:
-            raise KeyError(f"pseudo label {shard}/{record['key']} is not a web image of this world")
+            raise KeyError(f"pseudo label {pseudo.input_shard}/{pseudo.key} is not a web image of this world")
         by_span = {tuple(o["span"]): o for o in sample["objects"] if o.get("span")}
-        for box, positive in zip(record.get("boxes") or [], record.get("tokens_positive") or []):
+        for box, positive in zip(pseudo.boxes, pseudo.tokens_positive):
             obj = by_span.get(tuple(positive[0])) if positive else None
             if obj is None:
                 unmatched += 1

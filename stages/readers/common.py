@@ -1,4 +1,4 @@
-"""What the dataset readers share: the format error, field checks, fsspec I/O, box conventions.
+"""What the dataset readers share: the format error, field checks, JSON loading, box conventions.
 
 Box conventions (``BoxConvention``). COCO-format files store ``bbox = [x, y, w, h]``. There are
 two ways to turn that into corners, and they differ by one pixel:
@@ -21,16 +21,14 @@ from __future__ import annotations
 import enum
 import json
 import math
-import os
 import posixpath
 import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import fsspec
 import numpy as np
-from fsspec.core import url_to_fs
 
+from core import storage
 from stages.schema import DropReason, Sample
 
 __all__ = ["DatasetFormatError", "BoxConvention", "xywh_to_xyxy", "xyxy_to_xywh", "convert_boxes",
@@ -162,15 +160,14 @@ def as_span(value: Any, caption_len: int, path: str, field: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# I/O through fsspec (local paths and any fsspec URL: s3://, gs://, memory://, ...)
+# I/O: paths and URLs are core.storage's; here only what a reader makes of the bytes
 
 def load_json(path: str | Path, storage_options: dict | None = None) -> Any:
-    """Read a whole JSON file. A missing file is ``FileNotFoundError`` naming it; bad JSON is a
-    ``DatasetFormatError`` with the line and column."""
+    """Read a whole JSON file (``.gz`` and friends decompressed). A missing file is
+    ``FileNotFoundError`` naming it; bad JSON is a ``DatasetFormatError`` with the line and column."""
     path = str(path)
     try:
-        with fsspec.open(path, "rb", compression="infer", **(storage_options or {})) as f:
-            data = f.read()
+        data = storage.read_bytes(path, storage_options, compression="infer")
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file {path} does not exist; check the path "
                                 "(a local path or an fsspec URL such as s3://bucket/file.json)") from None
@@ -181,28 +178,15 @@ def load_json(path: str | Path, storage_options: dict | None = None) -> Any:
                    "re-download or re-export the file; it may be truncated") from None
 
 
-def _is_url(root: str) -> bool:
-    return "://" in root
-
-
-def join_root(root: str, file_name: str) -> str:
-    """``image_root`` + an image's ``file_name`` (URL roots join with ``/``)."""
-    if _is_url(root):
-        return posixpath.join(root, file_name.lstrip("/"))
-    return os.path.join(root, file_name)
+join_root = storage.join_root
+read_bytes = storage.read_bytes
 
 
 def check_root(root: str, key: str, storage_options: dict | None = None) -> None:
     """Stop at once with a message naming the location when an image root is not a folder."""
-    fs, path = url_to_fs(root, **(storage_options or {}))
-    if not fs.isdir(path):
+    if not storage.is_dir(root, storage_options):
         raise FileNotFoundError(f"{key} = {root!r} is not an existing folder; set {key} to the folder "
                                 "(or URL prefix) that the images' file_name paths are relative to")
-
-
-def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        return f.read()
 
 
 def sample_key(image_id: int | str) -> str:

@@ -19,7 +19,7 @@ is outside the caption (38 characters) ...``). Then:
   by position, each with its caption text. ``meta`` keeps ``image_id``, ``file_name`` and the
   evaluation fields when present. Missing image files become ``no_image`` drops.
 - ``reader.grounding_targets()`` -> ``PhraseTarget`` per evaluation phrase: the ground truth
-  ``stages.evaluate.phrase_grounding_recall`` takes (``{t.key: t.boxes}``).
+  ``evaluation.grounding.phrase_grounding_recall`` takes (``{t.key: t.boxes}``).
 
 Training targets follow the official GLIP: crowd boxes are left out, and a box that is empty
 after conversion and clipping is left out together with its spans (``stats``). Evaluation

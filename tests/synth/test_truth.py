@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import pytest
 
+from stages.schema import Sample
 from synth.truth import load_truth, pseudo_label_quality
+
+
+def _pseudo(shard: str, key: str, boxes=(), tokens_positive=()) -> Sample:
+    return Sample(key=key, input_shard=shard, boxes=list(boxes), tokens_positive=list(tokens_positive))
 
 TRUTH = {
     ("00000", "a"): {"objects": [
@@ -17,9 +22,9 @@ TRUTH = {
 
 def test_counts_follow_the_definition():
     records = [
-        ("00000", {"key": "a", "boxes": [[10, 10, 29, 29], [50, 50, 70, 70], [0, 0, 5, 5]],
-                   "tokens_positive": [[[0, 6]], [[11, 19]], [[30, 37]]]}),
-        ("00001", {"key": "b", "boxes": [[20, 20, 60, 60]], "tokens_positive": [[[0, 8]]]}),
+        _pseudo("00000", "a", [[10, 10, 29, 29], [50, 50, 70, 70], [0, 0, 5, 5]],
+                [[[0, 6]], [[11, 19]], [[30, 37]]]),
+        _pseudo("00001", "b", [[20, 20, 60, 60]], [[[0, 8]]]),
     ]
     q = pseudo_label_quality(records, TRUTH, rare={"moon"})
     assert q["rare"] == {"boxes": 1, "correct": 1, "mentioned": 1, "precision": 1.0, "recall": 1.0}
@@ -32,7 +37,7 @@ def test_no_labels_and_unknown_images():
     q = pseudo_label_quality([], TRUTH, rare={"moon"})
     assert q["rare"]["precision"] is None and q["rare"]["recall"] == 0.0 and q["common"]["mentioned"] == 2
     with pytest.raises(KeyError, match="00009/zz is not a web image"):
-        pseudo_label_quality([("00009", {"key": "zz"})], TRUTH, rare=set())
+        pseudo_label_quality([_pseudo("00009", "zz")], TRUTH, rare=set())
 
 
 def test_the_truths_own_boxes_are_all_correct(tmp_path):
@@ -46,10 +51,9 @@ def test_the_truths_own_boxes_are_all_correct(tmp_path):
     records = []
     for (shard, key), sample in truth.items():
         said = [o for o in sample["objects"] if o["span"]]
-        records.append((shard, {"key": key,
-                                "boxes": [[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2] - 1,
-                                           o["bbox"][1] + o["bbox"][3] - 1] for o in said],
-                                "tokens_positive": [[o["span"]] for o in said]}))
+        records.append(_pseudo(shard, key, [[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2] - 1,
+                                             o["bbox"][1] + o["bbox"][3] - 1] for o in said],
+                               [[o["span"]] for o in said]))
     q = pseudo_label_quality(records, truth, rare)
     for group in ("rare", "common"):
         assert q[group]["precision"] == 1.0 and q[group]["recall"] == 1.0, q

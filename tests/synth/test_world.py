@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from core.config import ConfigError, load
-from stages.evaluate import coco_detection_metrics, phrase_grounding_recall
+from evaluation.detection import coco_detection_metrics, phrase_grounding_recall
 from stages.ingest import Ingest
 from stages.readers import (CocoDetectionReader, CocoReaderConfig, MdetrGroundingReader,
                             MdetrReaderConfig, xywh_to_xyxy)

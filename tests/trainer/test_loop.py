@@ -20,7 +20,7 @@ import torch
 from core import config as typed_config
 from model.criterion import GLIPCriterion
 from core.config import ConfigError
-from stages.gallery import iter_output_samples
+from pipeline.storage import iter_output_samples
 from synth.training import write_training_mixture
 from trainer.config import EvalHookConfig, TrainConfig, load_train_config, model_config
 from trainer.solver import ModelEma, lr_factor, make_optimizer, param_groups
@@ -102,7 +102,7 @@ def test_stream_mixes_all_sources_disjointly_and_resumes_exactly(mixture, tiny_r
     assert len(set(keys[0]) & set(keys[1])) == 0, "the workers' parts of the sources overlap"
     # pseudo labels: screened at min_score 0.5; the sample whose boxes all score 0.3 never appears
     assert "cc/cc00001" not in keys[0] + keys[1]
-    records = {f"cc/{s.record['key']}": s.record
+    records = {f"cc/{s.key}": s.to_record()
                for s in iter_output_samples([str(p) for p in mixture.pseudo_shards])}
     for b in batches[0] + batches[1]:
         for key, target in zip(b["keys"], b["targets"]):
@@ -132,7 +132,7 @@ def test_pseudo_phrases_left_without_a_box_can_be_ignored(mixture, tiny_random):
     cfg = train_config(mixture, "/unused", "data.prefetch_batches=0", "data.sources.cc.unlabelled_phrases=ignore",
                        "data.sources.o365.weight=0", "data.sources.goldg.weight=0")
     stream = TrainStream(cfg.data, tiny_random.cfg, tiny_random.tokenizer, batch_size=4, seed=0)
-    records = {f"cc/{s.record['key']}": s.record
+    records = {f"cc/{s.key}": s.to_record()
                for s in iter_output_samples([str(p) for p in mixture.pseudo_shards])}
     seen_ignored = 0
     for _ in range(3):

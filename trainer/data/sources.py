@@ -47,8 +47,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from core.storage import expand_shards as _expand
+from core.storage import open_input
 from model.config import ModelConfig
-from stages.schema import Phrase, Sample, UnlabelledPhrases
+from stages.readers.output import read_output_samples
+from stages.schema import Sample, UnlabelledPhrases
 from trainer.data.config import SourceKind, TrainDataConfig, TrainSourceConfig
 from trainer.data.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
 from trainer.data.prompts import (detection_to_grounding, pack_negative_captions, screen_pseudo_labels,
@@ -145,8 +147,6 @@ class _ShardSource:
             cfg.pack_captions, max_tokens=min(cfg.pack_captions.max_tokens, max_tokens))
 
     def factory(self, epoch: int) -> Iterator[tuple]:
-        from stages.gallery import iter_output_samples
-
         shards = list(self.shards)
         if self.cfg.shuffle:
             order = np.random.default_rng([self.seed, self.number, epoch]).permutation(len(shards))
@@ -156,21 +156,17 @@ class _ShardSource:
 
         def refs() -> Iterator[tuple]:
             pool: collections.deque[str] = collections.deque(maxlen=self.cfg.pool_size)
-            for item in iter_output_samples(mine, self.cfg.storage_options):
-                yield item.record, item.image, item.ext, item.shard, tuple(pool)
-                pool.append(item.record["caption"])
+            for url in mine:
+                with open_input(url, self.cfg.storage_options) as fh:
+                    for sample in read_output_samples(fh, name=url):
+                        yield sample, tuple(pool)
+                        pool.append(sample.caption)
 
         return refs() if by_shard else worker_shard(refs(), self.rank, self.world_size)
 
     def materialize(self, ref: tuple, rng: np.random.Generator) -> Sample:
-        record, image, ext, shard, pool = ref
-        sample = Sample(
-            key=str(record.get("key", "")), input_shard=shard, source=self.name, image=image, image_ext=ext,
-            caption=record["caption"], width=record["width"], height=record["height"],
-            phrases=[Phrase(p["text"], (int(p["span"][0]), int(p["span"][1]))) for p in record.get("phrases", [])],
-            boxes=[list(map(float, b)) for b in record["boxes"]],
-            tokens_positive=[[list(s) for s in spans] for spans in record["tokens_positive"]],
-            scores=[float(s) for s in record.get("scores", [])], labeler=record.get("labeler"))
+        sample, pool = ref
+        sample = dataclasses.replace(sample, source=self.name)
         if sample.scores:                       # human labels in a shard carry no scores: kept as they are
             sample = screen_pseudo_labels(sample, self.cfg.min_score)
         if not sample.boxes:

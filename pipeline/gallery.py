@@ -1,10 +1,9 @@
-"""Gallery: read output shards back and render pseudo-labelled samples as a static HTML page.
+"""Gallery (``pipeline show``): render pseudo-labelled samples as a static HTML page.
 
-Reading output shards and writing files whole (``OutputSample``, ``read_output_samples``,
-``iter_output_samples``, ``check_record``, ``filter_record``, ``OutputFolder``) live in
-``stages.output_shards``; they are re-exported here.
+Output shards are read back by ``pipeline.storage.iter_output_samples`` (``Sample`` s, through
+``Sample.from_record``); files are written whole through ``core.storage.Folder``. Rendering
+works on the canonical record (``Sample.to_record()``):
 
-Rendering:
 
 - ``draw_sample(record, image_bytes, max_side=None) -> PIL.Image``: the image after EXIF
   orientation (the frame the boxes are in), every box in its phrase's colour with a label
@@ -31,14 +30,12 @@ from typing import Any, Iterable
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-# Re-exported: these were defined here before stages.output_shards existed.
-from stages.output_shards import (OutputFolder, OutputSample, _is_number,  # noqa: F401
-                                  check_record, filter_record, iter_output_samples,
-                                  read_output_samples, shard_label)
+from core.storage import Folder
+from pipeline.storage import iter_output_samples
+from stages.readers.output import filter_scores
+from stages.schema import Sample, is_finite_number
 
-__all__ = ["OutputSample", "read_output_samples", "iter_output_samples", "check_record",
-           "filter_record", "phrase_groups", "draw_sample", "write_gallery", "gallery_from_shards",
-           "OutputFolder"]
+__all__ = ["phrase_groups", "draw_sample", "write_gallery", "gallery_from_shards"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # Sasha Trubetskoy's distinct colours (light ones last); more phrases get golden-ratio hues.
@@ -239,30 +236,29 @@ mark{color:inherit;padding:0 1px;border-radius:2px}
 .warn{color:#b00;font-size:.85em}"""
 
 
-def write_gallery(samples: Iterable[tuple], out_dir: str | os.PathLike, *, n: int = 24,
+def write_gallery(samples: Iterable[Sample], out_dir: str | os.PathLike, *, n: int = 24,
                   seed: int = 0, title: str = "Pseudo-labelled samples",
                   min_score: float | None = None, only_with_boxes: bool = False,
                   max_side: int | None = 1024, storage_options: dict | None = None) -> dict:
     """Render ``n`` samples chosen by ``seed``; see the module docstring.
 
-    ``samples``: ``(record, image_bytes, image_ext)`` tuples or ``OutputSample`` s. Boxes below
+    ``samples``: ``Sample`` s with their image bytes (``input_shard``: the shard's name). Boxes below
     ``min_score`` are hidden; with ``only_with_boxes`` a sample left without a box is not
     eligible. Returns ``{index, out_dir, seen, eligible, shown, keys, images,
     boxes_below_min_score}`` (``keys``/``images`` in page order).
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n: expected a positive number of samples to show, got {n!r}")
-    if min_score is not None and (isinstance(min_score, bool) or not _is_number(min_score)):
+    if min_score is not None and (isinstance(min_score, bool) or not is_finite_number(min_score)):
         raise ValueError(f"min_score: expected a number or None, got {min_score!r}")
     heap: list[tuple[int, int, int]] = []        # (-rank, -arrival) of the n best so far
     kept: dict[int, tuple[dict, bytes, str]] = {}
     seen = eligible = hidden = 0
-    for arrival, item in enumerate(samples):
-        record, image, _ = item[0], item[1], item[2]
-        shard = item[3] if len(item) > 3 else ""
-        check_record(record, f"{shard or 'sample'} {record.get('key', arrival)!s}")
+    for arrival, sample in enumerate(samples):
+        shard, image = sample.input_shard, sample.image
         seen += 1
-        record, removed = filter_record(record, min_score)
+        sample, removed = filter_scores(sample, min_score)
+        record = sample.to_record()
         hidden += removed
         if only_with_boxes and not record["boxes"]:
             continue
@@ -277,8 +273,7 @@ def write_gallery(samples: Iterable[tuple], out_dir: str | os.PathLike, *, n: in
         kept[arrival] = (record, image, shard)
     chosen = [kept[a] for _, _, a in sorted(heap, key=lambda e: (-e[0], -e[1]))]
 
-    folder = OutputFolder(out_dir, storage_options)
-    folder.makedirs("images")
+    folder = Folder(os.fspath(out_dir), storage_options)
     cards, keys, images = [], [], []
     for i, (record, image_bytes, shard) in enumerate(chosen):
         key = str(record.get("key", ""))
@@ -304,7 +299,8 @@ def write_gallery(samples: Iterable[tuple], out_dir: str | os.PathLike, *, n: in
             f"<title>{html.escape(title)}</title>\n<style>\n{_STYLE}\n</style>\n</head>\n<body>\n"
             f"<h1>{html.escape(title)}</h1>\n<p class=\"summary\">{html.escape(summary_line)}</p>\n"
             "<main class=\"grid\">\n" + "\n".join(cards) + "\n</main>\n</body>\n</html>\n")
-    index = folder.write_bytes("index.html", page.encode("utf-8"))
+    folder.write_bytes("index.html", page.encode("utf-8"))
+    index = folder.path("index.html")
     return {"index": index, "out_dir": folder.url, "seen": seen, "eligible": eligible,
             "shown": len(chosen), "keys": keys, "images": images,
             "boxes_below_min_score": hidden}

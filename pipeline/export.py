@@ -52,10 +52,12 @@ import os
 import re
 from typing import Any, Iterable
 
-from stages.gallery import phrase_groups
-from stages.output_shards import OutputFolder, check_record, filter_record, iter_output_samples
+from core.storage import Folder
+from pipeline.gallery import phrase_groups
+from pipeline.storage import iter_output_samples
 from stages.readers.common import BoxConvention, xyxy_to_xywh
-from stages.schema import IMAGE_EXTENSIONS
+from stages.readers.output import filter_scores
+from stages.schema import IMAGE_EXTENSIONS, Sample
 
 __all__ = ["ExportFormat", "ANNOTATION_FILES", "odvg_entry", "mdetr_entries", "export_samples",
            "export_shards"]
@@ -143,11 +145,11 @@ def _unique_name(key: str, ext: str, shard: str, used: set[str]) -> str:
     raise AssertionError("unreachable: len(used) + 1 candidates cannot all be taken")
 
 
-def export_samples(samples: Iterable[tuple], out_dir: str | os.PathLike, *,
+def export_samples(samples: Iterable[Sample], out_dir: str | os.PathLike, *,
                    format: ExportFormat | str, min_score: float | None = None,
                    box_convention: BoxConvention | str = BoxConvention.LEGACY,
                    storage_options: dict | None = None) -> dict[str, Any]:
-    """Export ``(record, image_bytes, image_ext)`` tuples or ``OutputSample`` s; see the module
+    """Export ``Sample`` s with their image bytes (``pipeline.storage.iter_output_samples``); see the module
     docstring. Returns ``{format, out_dir, annotations, image_root, box_convention, min_score,
     samples, images, boxes, boxes_below_min_score, skipped_no_boxes, renamed}``."""
     try:
@@ -163,34 +165,32 @@ def export_samples(samples: Iterable[tuple], out_dir: str | os.PathLike, *,
     if min_score is not None and (isinstance(min_score, bool) or not isinstance(
             min_score, (int, float)) or not math.isfinite(min_score)):
         raise ValueError(f"min_score: expected a number or None, got {min_score!r}")
-    folder = OutputFolder(out_dir, storage_options)
-    folder.makedirs("images")
+    folder = Folder(os.fspath(out_dir), storage_options)
     used: set[str] = set()
     counts = {"samples": 0, "images": 0, "boxes": 0, "boxes_below_min_score": 0,
               "skipped_no_boxes": 0, "renamed": 0}
-    images: list[dict] = []
-    annotations: list[dict] = []
-    labelers: list[Any] = []
     name = ANNOTATION_FILES[fmt]
-    with folder.open_text(name) as out:
-        for arrival, item in enumerate(samples):
-            record, image_bytes, ext = item[0], item[1], item[2]
-            shard = item[3] if len(item) > 3 else ""
-            key = str(record.get("key", "")) if isinstance(record, dict) else ""
+
+    def write_annotations(out) -> None:
+        images: list[dict] = []
+        annotations: list[dict] = []
+        labelers: list[Any] = []
+        for arrival, sample in enumerate(samples):
+            key, shard, ext = sample.key, sample.input_shard, sample.image_ext
             where = f"{shard or 'sample'} {key or arrival}"
-            check_record(record, where)
             if ext not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{where}: image_ext: {ext!r} is not one of {IMAGE_EXTENSIONS}. "
                                  "Fix: pass the extension of the image member (jpg, png, ...)")
             counts["samples"] += 1
-            record, removed = filter_record(record, min_score)
+            sample, removed = filter_scores(sample, min_score)
             counts["boxes_below_min_score"] += removed
-            if not record["boxes"]:
+            if not sample.boxes:
                 counts["skipped_no_boxes"] += 1
                 continue
+            record = sample.to_record()
             filename = _unique_name(key or f"sample{arrival}", ext, shard, used)
             counts["renamed"] += filename != f"images/{key}.{ext}"
-            folder.write_bytes(filename, bytes(image_bytes))
+            folder.write_bytes(filename, bytes(sample.image))
             counts["images"] += 1
             counts["boxes"] += len(record["boxes"])
             if record.get("labeler") is not None and record["labeler"] not in labelers:
@@ -205,12 +205,14 @@ def export_samples(samples: Iterable[tuple], out_dir: str | os.PathLike, *,
                 annotations.extend(anns)
         if fmt is ExportFormat.MDETR:
             info = {"description": "exported from glip-selftrain output shards "
-                                   "(stages.export)",
+                                   "(pipeline.export)",
                     "box_convention": convention.value, "min_score": min_score,
                     "image_root": "the folder of this file", "labelers": labelers}
             json.dump({"info": info, "images": images, "annotations": annotations,
                        "categories": [{"id": 1, "name": "object", "supercategory": "object"}]},
                       out, ensure_ascii=False, allow_nan=False)
+
+    folder.write_text_with(name, write_annotations)
     return {"format": fmt.value, "out_dir": folder.url, "annotations": folder.path(name),
             "image_root": folder.root, "box_convention": convention.value,
             "min_score": min_score, **counts}

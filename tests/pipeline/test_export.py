@@ -1,6 +1,7 @@
 """Export: ODVG lines and MDETR JSON from output shards, read back by this project's MDETR reader."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.export import export_samples, export_shards
-from stages.gallery import iter_output_samples
+from pipeline.export import export_samples, export_shards
+from pipeline.storage import iter_output_samples
 from stages.readers import BoxConvention, MdetrGroundingReader, MdetrReaderConfig
 from stages.schema import Phrase, Sample
 from stages.write import encode_shard
@@ -178,7 +179,7 @@ def test_bad_arguments_and_damaged_shards_leave_no_annotation_file(shards, tmp_p
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
     samples = list(iter_output_samples(paths[:1]))
     with pytest.raises(ValueError, match="image_ext: 'gif'"):
-        export_samples([(samples[0].record, samples[0].image, "gif")], tmp_path / "g",
+        export_samples([dataclasses.replace(samples[0], image_ext="gif")], tmp_path / "g",
                        format="mdetr")
 
 

@@ -20,7 +20,7 @@ annotated nor listed negative for the image are discarded; unmatched detections 
 listed not-exhaustive for the image are ignored. Otherwise the metrics are plain COCO (maxDets
 per image and category, as pycocotools counts them). The result's ``notes`` say which was done.
 
-Phrase-grounding Recall@K (MDETR's Flickr30k protocols) lives in ``stages.grounding_eval`` and is
+Phrase-grounding Recall@K (MDETR's Flickr30k protocols) lives in ``evaluation.grounding`` and is
 re-exported here.
 
 Results: ``write_results(out_dir, name, metrics, predictions)`` writes ``NAME_metrics.json`` and
@@ -33,19 +33,15 @@ import contextlib
 import io
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
-from stages.grounding_eval import (GROUNDING_PROTOCOLS, EvaluationInputError,  # noqa: F401 - re-exported
-                                   GroundingEvalConfig, box_iou, grounding_metrics, merge_boxes,
-                                   phrase_grounding_recall)
+from core.storage import Folder
+from evaluation.grounding import (GROUNDING_PROTOCOLS, EvaluationInputError, GroundingEvalConfig, box_iou, grounding_metrics, merge_boxes, phrase_grounding_recall)  # noqa: F401 - re-exported
 from stages.readers.common import load_json
 
 __all__ = ["EvaluationInputError", "DetectionEvalConfig", "GroundingEvalConfig", "lvis_available",
@@ -286,13 +282,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(fs, path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    fs.mv(tmp, path)
-
-
 def write_results(out_dir: str | Path, name: str, metrics: Mapping, predictions: Any,
                   storage_options: dict | None = None) -> tuple[str, str]:
     """Write ``NAME_metrics.json`` and ``NAME_predictions.json`` into ``out_dir`` (a folder or an
@@ -301,15 +290,13 @@ def write_results(out_dir: str | Path, name: str, metrics: Mapping, predictions:
     ``(metrics_path, predictions_path)`` (URLs for remote folders)."""
     if not name or "/" in name or "\\" in name:
         raise EvaluationInputError(f"name {name!r}: give a plain file-name prefix such as 'coco_val2017'")
-    fs, root = url_to_fs(str(out_dir), **(storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
+    folder = Folder(str(out_dir), storage_options)
     paths = []
     for suffix, payload in (("predictions", json.dumps(_jsonable(predictions))),
                             ("metrics", json.dumps(_jsonable(metrics), indent=2) + "\n")):
-        path = root.rstrip("/") + f"/{name}_{suffix}.json"
-        _write_atomic(fs, path, payload)
-        paths.append(path if isinstance(fs, LocalFileSystem)
-                     else str(out_dir).rstrip("/") + f"/{name}_{suffix}.json")
+        file_name = f"{name}_{suffix}.json"
+        folder.write_bytes(file_name, payload.encode("utf-8"))
+        paths.append(folder.path(file_name) if folder.local else str(out_dir).rstrip("/") + f"/{file_name}")
     return paths[1], paths[0]
 
 

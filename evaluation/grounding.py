@@ -1,4 +1,4 @@
-"""Phrase-grounding Recall@K, model-free (re-exported by ``stages.evaluate``).
+"""Phrase-grounding Recall@K, model-free (re-exported by ``evaluation.detection``).
 
 ``phrase_grounding_recall`` (one protocol) and ``grounding_metrics`` (both)
 follow MDETR's Flickr30k evaluator (``datasets/flickr_eval.py``; GLIP's copy is identical): a
@@ -10,7 +10,7 @@ ground-truth boxes ("merged_box", Plummer et al.'s merged-GT mode). K = -1 means
 phrase missing from ``predictions`` is an error (MDETR raises "Missing predictions" too).
 
 ``EvaluationInputError`` (bad evaluation input) is defined here and shared with
-``stages.evaluate``'s detection metrics, which import it from this module.
+``evaluation.detection``'s detection metrics, which import it from this module.
 """
 from __future__ import annotations
 

@@ -7,9 +7,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from stages.evaluate import (DetectionEvalConfig, EvaluationInputError, GroundingEvalConfig, box_iou,
-                             coco_detection_metrics, format_metrics_table, grounding_metrics, lvis_available,
-                             merge_boxes, phrase_grounding_recall, write_results)
+from evaluation.detection import (DetectionEvalConfig, EvaluationInputError, GroundingEvalConfig, box_iou, coco_detection_metrics, format_metrics_table, grounding_metrics, lvis_available, merge_boxes, phrase_grounding_recall, write_results)
 from stages.readers import BoxConvention, CocoDetectionReader, CocoReaderConfig, xyxy_to_xywh
 
 

@@ -8,9 +8,10 @@ import tarfile
 import pytest
 from PIL import Image
 
-from stages.gallery import (check_record, draw_sample, gallery_from_shards, iter_output_samples,
-                            phrase_groups, read_output_samples, write_gallery)
-from stages.schema import Phrase, Sample
+from pipeline.gallery import draw_sample, gallery_from_shards, phrase_groups, write_gallery
+from pipeline.storage import StorageError, iter_output_samples
+from stages.readers.output import read_output_samples
+from stages.schema import Phrase, Sample, check_record
 from stages.write import encode_shard
 
 GREY = (128, 128, 128)
@@ -84,15 +85,15 @@ def page_keys(page: str) -> list[str]:
 def test_read_output_samples_gives_back_every_record_and_image_in_order(shards):
     paths, records = shards
     got = list(iter_output_samples(paths))
-    assert [s.record["key"] for s in got] == list(records)
-    assert [s.shard for s in got] == ["00000"] * 4 + ["00001"] * 5
-    for item in got:
-        assert item.record == records[item.record["key"]]
-    by_key = {s.record["key"]: s for s in got}
-    assert by_key["evil"].ext == "png" and by_key["human"].ext == "webp"
+    assert [s.key for s in got] == list(records)
+    assert [s.input_shard for s in got] == ["00000"] * 4 + ["00001"] * 5
+    for item in got:                                   # Sample.from_record inverts to_record
+        assert item.to_record() == records[item.key]
+    by_key = {s.key: s for s in got}
+    assert by_key["evil"].image_ext == "png" and by_key["human"].image_ext == "webp"
     assert by_key["rotated"].image == shard_samples()["00000"][1].image       # original bytes
     with open(paths[0], "rb") as fh:                                          # bytes or a file
-        assert [r["key"] for r, _, _ in read_output_samples(fh.read())] == list(records)[:4]
+        assert [s.key for s in read_output_samples(fh.read())] == list(records)[:4]
     assert list(read_output_samples(encode_shard([]))) == []     # every sample was dropped
 
 
@@ -103,8 +104,8 @@ def test_damaged_shards_are_errors_that_name_the_shard(shards, tmp_path):
     boundary = members[2].offset                       # cut right after the first sample's pair
     got = []
     with pytest.raises(ValueError, match=r"cut\.tar: \(end\): .*end-of-archive marker"):
-        for record, _, _ in read_output_samples(data[:boundary], name="cut.tar"):
-            got.append(record["key"])
+        for sample in read_output_samples(data[:boundary], name="cut.tar"):
+            got.append(sample.key)
     assert got == ["dog"]                              # what came before the cut was read
     inside = members[1].offset_data + 10               # cut inside the first record
     with pytest.raises(ValueError, match=r"cut\.tar: .*(truncated|not a readable tar)"):
@@ -120,7 +121,7 @@ def test_damaged_shards_are_errors_that_name_the_shard(shards, tmp_path):
     record = shard_samples()["00000"][0].to_record()
     with pytest.raises(ValueError, match=r"tokens_positive\[1\]\[0\]: expected a \[start, end\)"):
         check_record({**record, "tokens_positive": [[[0, 11]], [[20, 99]]]}, "x")
-    with pytest.raises(FileNotFoundError, match="missing.tar does not exist"):
+    with pytest.raises(StorageError, match="missing.tar does not exist"):
         list(iter_output_samples([str(tmp_path / "missing.tar")]))
 
 
