@@ -7,8 +7,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from model.backbone import (SwinBlock, SwinTransformer, TimmBackbone, build_backbone, load_swin_imagenet,
-                            load_timm_weights, package_weights, shift_attention_mask)
+from model.backbone import TimmBackbone, build_backbone, load_timm_weights, package_weights
+from model.swin import SwinBlock, SwinTransformer, load_swin_imagenet, shift_attention_mask
 from model.config import SwinConfig, load_model_config
 from model.fpn import FPN
 
