@@ -7,6 +7,7 @@ official one, which does NOT use ``+1``. Image sizes are ``(height, width)``.
 """
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
@@ -15,23 +16,35 @@ TO_REMOVE = 1.0
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
-def xywh_to_xyxy(boxes: torch.Tensor, legacy: bool = True) -> torch.Tensor:
+class BoxConvention(str, enum.Enum):
+    """How a box's far edge relates to its width: the project's one name for it (readers,
+    exporters and these functions all take it)."""
+    LEGACY = "legacy"            # x2 = x + w - 1 (official GLIP, maskrcnn_benchmark TO_REMOVE = 1)
+    CONTINUOUS = "continuous"    # x2 = x + w
+
+
+def convention_offset(convention: BoxConvention | str) -> float:
+    """What ``x2 - x1`` lacks of the width: 1 for legacy, 0 for continuous."""
+    return TO_REMOVE if BoxConvention(convention) is BoxConvention.LEGACY else 0.0
+
+
+def xywh_to_xyxy(boxes: torch.Tensor, convention: BoxConvention = BoxConvention.LEGACY) -> torch.Tensor:
     """[..., 4] (x, y, w, h) -> (x1, y1, x2, y2); legacy: x2 = x + w - 1 (MDETR/maskrcnn loaders)."""
     x, y, w, h = boxes.unbind(-1)
-    r = TO_REMOVE if legacy else 0.0
+    r = convention_offset(convention)
     return torch.stack([x, y, x + w - r, y + h - r], dim=-1)
 
 
-def xyxy_to_xywh(boxes: torch.Tensor, legacy: bool = True) -> torch.Tensor:
+def xyxy_to_xywh(boxes: torch.Tensor, convention: BoxConvention = BoxConvention.LEGACY) -> torch.Tensor:
     """[..., 4] (x1, y1, x2, y2) -> (x, y, w, h); legacy: w = x2 - x1 + 1."""
     x1, y1, x2, y2 = boxes.unbind(-1)
-    r = TO_REMOVE if legacy else 0.0
+    r = convention_offset(convention)
     return torch.stack([x1, y1, x2 - x1 + r, y2 - y1 + r], dim=-1)
 
 
-def box_area(boxes: torch.Tensor, legacy: bool = True) -> torch.Tensor:
+def box_area(boxes: torch.Tensor, convention: BoxConvention = BoxConvention.LEGACY) -> torch.Tensor:
     """[..., 4] -> [...]"""
-    r = TO_REMOVE if legacy else 0.0
+    r = convention_offset(convention)
     return (boxes[..., 2] - boxes[..., 0] + r) * (boxes[..., 3] - boxes[..., 1] + r)
 
 
@@ -67,7 +80,8 @@ def elementwise_giou(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-7
 
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise GIoU (continuous convention, DETR's): [N, 4], [M, 4] -> [N, M]."""
-    area1, area2 = box_area(boxes1, legacy=False), box_area(boxes2, legacy=False)
+    area1 = box_area(boxes1, BoxConvention.CONTINUOUS)
+    area2 = box_area(boxes2, BoxConvention.CONTINUOUS)
     lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = (rb - lt).clamp(min=0)

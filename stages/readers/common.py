@@ -18,7 +18,6 @@ writing predictions back to COCO ``xywh`` under the convention they were made in
 """
 from __future__ import annotations
 
-import enum
 import json
 import math
 import posixpath
@@ -29,6 +28,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from core import storage
+from model.box_ops import BoxConvention, convention_offset
 from stages.schema import DropReason, Sample
 
 __all__ = ["DatasetFormatError", "BoxConvention", "xywh_to_xyxy", "xyxy_to_xywh", "convert_boxes",
@@ -46,13 +46,7 @@ def fail(path: str, field: str, problem: str, fix: str) -> DatasetFormatError:
     return DatasetFormatError(f"{path}: {field}: {problem}. Fix: {fix}")
 
 
-class BoxConvention(str, enum.Enum):
-    LEGACY = "legacy"            # x2 = x + w - 1 (official GLIP, maskrcnn_benchmark TO_REMOVE = 1)
-    CONTINUOUS = "continuous"    # x2 = x + w
-
-
-def _offset(convention: BoxConvention) -> float:
-    return 1.0 if BoxConvention(convention) is BoxConvention.LEGACY else 0.0
+_offset = convention_offset
 
 
 def xywh_to_xyxy(box, convention: BoxConvention) -> list[float]:

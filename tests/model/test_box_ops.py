@@ -75,10 +75,19 @@ def test_elementwise_giou_official_form():
 
 def test_xywh_round_trips():
     boxes = random_boxes(10, seed=9)
-    for legacy in (True, False):
-        xywh = box_ops.xyxy_to_xywh(boxes, legacy=legacy)
-        assert torch.allclose(box_ops.xywh_to_xyxy(xywh, legacy=legacy), boxes)
+    for convention in box_ops.BoxConvention:
+        xywh = box_ops.xyxy_to_xywh(boxes, convention)
+        assert torch.allclose(box_ops.xywh_to_xyxy(xywh, convention), boxes)
     assert box_ops.xywh_to_xyxy(torch.tensor([10.0, 20, 5, 5])).tolist() == [10, 20, 14, 24]
+    assert box_ops.xywh_to_xyxy(torch.tensor([10.0, 20, 5, 5]), "continuous").tolist() == [10, 20, 15, 25]
+
+
+def test_the_readers_and_the_model_share_one_convention():
+    from stages.readers import common
+    assert common.BoxConvention is box_ops.BoxConvention
+    xywh = [10.0, 20.0, 5.0, 5.0]
+    for convention in box_ops.BoxConvention:
+        assert common.xywh_to_xyxy(xywh, convention) == box_ops.xywh_to_xyxy(torch.tensor(xywh), convention).tolist()
 
 
 def test_clip_to_image_is_legacy():
