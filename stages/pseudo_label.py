@@ -1,39 +1,53 @@
 """The teacher stage: GLIP grounds each caption's noun phrases; confident boxes become labels.
 
-Recipe (DESIGN.md, "Pseudo-labelling recipe"): the prompt is the caption and each noun phrase
-(its character span) an entity; a box's score for a phrase is the mean probability of the
-phrase's tokens, combined with centerness as the official inference does (``model/postprocess``);
-boxes of all phrases then go through one class-agnostic NMS (``nms_threshold``; two phrases do
-not keep two boxes for one object), and boxes scoring ``>= min_score`` are kept with their scores
-(training may raise the bar later without re-running the teacher). A sample left with no box is
-dropped ``no_boxes``.
+Recipe: the prompt is the caption and each noun phrase (its character span) an entity; a box's
+score for a phrase is the mean probability of the phrase's tokens, combined with centerness as
+the official inference does (``model/postprocess``); boxes of all phrases then go through one
+class-agnostic NMS (``nms_threshold``; two phrases do not keep two boxes for one object), and
+boxes scoring ``>= min_score`` are kept with their scores (training may raise the bar later
+without re-running the teacher). A sample left with no box is dropped ``no_boxes``.
 
 Phrases past the text limit (``language.max_query_len`` tokens) cannot be scored: they are
 removed before the teacher runs and counted in ``sample.meta["phrases_truncated"]``; a sample
 that loses every phrase this way is dropped ``no_phrases``.
 
-Boxes are absolute ``xyxy`` in the stored image's frame after EXIF orientation (the predictor
-decodes the original bytes with ``exif_transpose``), clipped to the image with the legacy
-convention (x2 <= W - 1); boxes under a pixel wide or high are dropped.
+Boxes are absolute ``xyxy`` in the stored image's frame after EXIF orientation, clipped to the
+image with the legacy convention (x2 <= W - 1); boxes under a pixel wide or high are dropped.
+
+How a shard runs (``stages/teacher_feed.py``): ``cpu_workers`` threads decode while the device
+runs; batches are grouped by image shape (``stats["padded_fraction"]`` says how much padding
+is left) and prompts padded to the batch's longest (``text_padding``); uint8 pixels cross to the
+device, which resizes, normalises, pads, runs the network and post-processes; a CUDA
+out-of-memory error halves the batch (same padding, so the same labels) and goes on.
 """
 from __future__ import annotations
 
 import enum
 import hashlib
 import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.device import Device, Precision
 from model.config import CheckpointFormat
+from model.transforms import ResizeAt
 from stages.base import BaseStage, Resources
 from stages.schema import DropReason, Sample
 
 
-class Precision(str, enum.Enum):
-    AUTO = "auto"      # bf16 autocast on GPU, float32 on CPU
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
+class TextPadding(str, enum.Enum):
+    LONGEST = "longest"   # prompts padded to the batch's longest (same labels, fewer FLOPs)
+    MAX = "max"           # padded to language.max_query_len (the official PAD_MAX)
+
+
+class Compile(str, enum.Enum):
+    NONE = "none"
+    DEFAULT = "default"
+    MAX_AUTOTUNE = "max-autotune"
 
 
 @dataclass
@@ -49,8 +63,16 @@ class PseudoLabelConfig:
     max_boxes: int = 32                     # per image, best first
     max_boxes_per_phrase: int = 0           # best first; 0 = no limit (a caption's "a red circle" is one object)
     batch_size: int = 8
-    device: str = "auto"                    # auto = cuda when available, else cpu
-    precision: Precision = Precision.AUTO
+    device: Device = Device.AUTO            # auto = cuda when available, else cpu
+    precision: Precision = Precision.AUTO   # auto = bf16 autocast on CUDA, fp32 on CPU
+    # The CPU side (decode, EXIF, tokenisation): threads; 0 = the CPUs this process may use.
+    cpu_workers: int = 0
+    prefetch: int = 2                       # batches ready ahead of the device (>= 2)
+    group_window: int = 4                   # batches' worth of images grouped by shape at once
+    resize_at: ResizeAt = ResizeAt.DEVICE   # device: within 1 grey level of PIL; cpu: bit-identical
+    text_padding: TextPadding = TextPadding.LONGEST
+    compile: Compile = Compile.NONE         # torch.compile mode (GPU; slow to compile on CPU)
+    channels_last: bool = False             # the image backbone and its input in channels_last
     # per actor: num_gpus GPUs when the Ray cluster has GPUs, else the teacher runs on CPU
     resources: Resources = field(default_factory=lambda: Resources(actors=1, num_cpus=0.5, num_gpus=1.0))
 
@@ -64,6 +86,16 @@ class PseudoLabelConfig:
             raise ValueError("pseudo_label.batch_size and pseudo_label.max_boxes must be >= 1")
         if self.max_boxes_per_phrase < 0:
             raise ValueError("pseudo_label.max_boxes_per_phrase must be >= 0 (0 = no limit)")
+        if self.cpu_workers < 0:
+            raise ValueError("pseudo_label.cpu_workers must be >= 0 (0 = the CPUs this process may use)")
+        if self.prefetch < 2 or self.group_window < 1:
+            raise ValueError("pseudo_label.prefetch must be >= 2 and pseudo_label.group_window >= 1")
+
+    def workers(self) -> int:
+        """The CPU threads of the feed: ``cpu_workers`` or, for 0, the CPUs this process may use."""
+        if self.cpu_workers:
+            return self.cpu_workers
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def top_per_label(scores: list[float], labels: list[int], k: int) -> list[int]:
@@ -85,30 +117,34 @@ class PseudoLabel(BaseStage):
         super().__init__(config)
         self.predictor = None
         self.labeler: dict[str, Any] | None = None
+        self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         import torch
 
-        from model.load import load_glip
-        from model.predictor import Predictor
         from core.config import to_dict
+        from core.device import resolve_device, resolve_precision
+        from model.load import load_glip
+        from model.postprocess import PostProcessor
+        from model.predictor import Predictor
 
         cfg = self.config
+        cfg.validate()
         model, checkpoint_sha = load_glip(cfg.checkpoint, cfg.checkpoint_format, cfg.model,
                                           cfg.model_overrides)
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        precision = cfg.precision
-        if precision is Precision.AUTO:
-            precision = Precision.BF16 if self.device.type == "cuda" else Precision.FP32
-        self.dtype = {Precision.FP32: None, Precision.BF16: torch.bfloat16,
-                      Precision.FP16: torch.float16}[precision]
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.predictor = Predictor(model, device=self.device, batch_size=cfg.batch_size)
-        model_cfg = to_dict(model.cfg)
+        self.model = self.predictor.model
+        if cfg.channels_last:
+            self.model.backbone.to(memory_format=torch.channels_last)
+        self.forward = self.model
+        if cfg.compile is not Compile.NONE:
+            self.forward = torch.compile(self.model, mode=cfg.compile.value, dynamic=True)
+        self.postprocess = PostProcessor(model.cfg.inference)
         self.max_len = model.cfg.language.max_query_len
+        model_cfg = to_dict(model.cfg)
         self.labeler = {
             "model": model.cfg.name,
             "checkpoint_sha256": checkpoint_sha,
@@ -117,12 +153,15 @@ class PseudoLabel(BaseStage):
             "nms_threshold": cfg.nms_threshold,
             "max_boxes_per_phrase": cfg.max_boxes_per_phrase,
         }
+        self._oom_rows: int | None = None    # rows per forward after a CUDA out-of-memory error
+        self.stats = {"images": 0, "batches": 0, "padded_fraction": 0.0, "oom_retries": 0,
+                      "cpu_s": 0.0, "device_s": 0.0}
         self._ready = True
 
-    # ------------------------------------------------------------------------------ call
+    # ------------------------------------------------------------------------------ CPU side
     def _fit_phrases(self, sample: Sample) -> None:
         """Remove phrases whose span ends past the text limit; count them."""
-        tok = self.predictor.model.tokenizer
+        tok = self.model.tokenizer
         enc = tok(sample.caption, truncation=True, max_length=self.max_len, return_offsets_mapping=True)
         ends = [e for s, e in enc["offset_mapping"] if e > s]
         limit = max(ends) if ends else 0
@@ -130,7 +169,25 @@ class PseudoLabel(BaseStage):
         sample.meta["phrases_truncated"] = len(sample.phrases) - len(fitting)
         sample.phrases = fitting
 
+    def _items(self, samples: list[Sample]):
+        """Feed items for the samples the teacher can label (runs in the feed's thread)."""
+        from model.prompts import Prompt
+        from stages.teacher_feed import FeedItem
+
+        for i, sample in enumerate(samples):
+            try:
+                self._fit_phrases(sample)
+            except Exception as exc:  # noqa: BLE001
+                sample.drop(DropReason.STAGE_ERROR, f"{self.name}: {type(exc).__name__}: {exc}")
+                continue
+            if not sample.phrases:
+                sample.drop(DropReason.NO_PHRASES, "every phrase is past the text limit")
+                continue
+            spans = [[tuple(p.span)] for p in sample.phrases]
+            yield FeedItem(i, sample.image, Prompt(sample.caption, spans, list(range(len(spans)))))
+
     def _label(self, sample: Sample, det) -> None:
+        """One image's detections (boxes in its original frame, best first; any device) -> labels."""
         from torchvision.ops import nms
 
         cfg = self.config
@@ -141,9 +198,11 @@ class PseudoLabel(BaseStage):
             grown[:, 2:] += 1
             keep = nms(grown, scores, cfg.nms_threshold)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        boxes, scores, labels = boxes.cpu(), scores.cpu(), labels.cpu()
         # clip to the image (legacy convention: the last pixel is W-1) and drop boxes that are
         # less than a pixel wide or high after clipping (useless as targets, readers drop them)
         w, h = sample.width, sample.height
+        candidates, best = len(scores), (float(scores.max()) if scores.numel() else None)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w - 1)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h - 1)
         keep = (scores >= cfg.min_score) & (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
@@ -157,37 +216,124 @@ class PseudoLabel(BaseStage):
         sample.tokens_positive = [[list(sample.phrases[int(i)].span)] for i in labels.tolist()]
         sample.labeler = self.labeler
         if not sample.boxes:
-            sample.drop(DropReason.NO_BOXES)
+            best_text = "no candidate box" if best is None else f"best score {best:.3f} of {candidates} candidates"
+            sample.drop(DropReason.NO_BOXES, f"no box of its {len(sample.phrases)} phrases kept at min_score "
+                        f"{cfg.min_score} ({best_text})")
 
-    def __call__(self, batch: list[Sample]) -> list[Sample]:
+    # --------------------------------------------------------------------------- device side
+    def _forward_rows(self, images, batch, rows: range) -> list[tuple[range, dict]]:
+        """The network over ``rows`` of a batch (all, or as many as fitted after a CUDA
+        out-of-memory error); such an error halves the rows and retries them. The padded size does not change,
+        so every image's outputs are those of an unfailed run."""
+        import torch
+
+        from core.device import autocast
+
+        limit = self.config.batch_size if self._oom_rows is None else self._oom_rows
+        if len(rows) > limit:
+            cut = rows.start + limit
+            return (self._forward_rows(images, batch, range(rows.start, cut))
+                    + self._forward_rows(images, batch, range(cut, rows.stop)))
+        sl = slice(rows.start, rows.stop)
+        try:
+            with autocast(self.device, self.precision):
+                out = self.forward(images[sl], batch.resized[sl], batch.input_ids[sl], batch.attention_mask[sl])
+            return [(rows, out)]
+        except torch.cuda.OutOfMemoryError:
+            if len(rows) == 1:
+                raise
+            out = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._oom_rows = max(1, len(rows) // 2)
+            self.stats["oom_retries"] += 1
+            return self._forward_rows(images, batch, rows)
+
+    def _infer(self, batch) -> tuple[list[tuple[range, dict]], Any]:
+        """A batch on the device -> the network's outputs per row range, and the CUDA event
+        that marks them done (None on CPU)."""
+        import torch
+
+        from model.transforms import device_batch
+
+        icfg = self.model.cfg.input
+        images = device_batch(batch.pixels, batch.shapes, batch.resized, icfg.pixel_mean, icfg.pixel_std,
+                              icfg.size_divisibility)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        parts = self._forward_rows(images, batch, range(len(batch.indices)))
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return parts, event
+
+    def _finish(self, samples: list[Sample], batch, parts, event, stream) -> None:
+        """Post-process on the device (its own stream on CUDA), then label: runs beside the
+        next batch's forward."""
         import contextlib
 
         import torch
 
+        from model.predictor import Detections
+        from model.transforms import boxes_to_original
+
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            if event is not None:
+                stream.wait_event(event)
+            for rows, out in parts:
+                maps = batch.positive_maps[rows.start:rows.stop]
+                results = self.postprocess(out, maps, batch.resized[rows.start:rows.stop])
+                for j, r in zip(rows, results):
+                    sample = samples[batch.indices[j]]
+                    try:
+                        boxes = boxes_to_original(r["boxes"], batch.resized[j], batch.original[j])
+                        order = r["scores"].argsort(descending=True, stable=True)
+                        self._label(sample, Detections(boxes[order], r["scores"][order], r["labels"][order]))
+                    except Exception as exc:  # noqa: BLE001
+                        sample.drop(DropReason.STAGE_ERROR, f"{self.name}: {type(exc).__name__}: {exc}")
+
+    def __call__(self, batch: list[Sample]) -> list[Sample]:
+        import torch
+
+        from stages.teacher_feed import TeacherFeed
+
         self.ensure_setup()
-        todo = []
-        for sample in batch:
-            if not sample.kept:
-                continue
-            try:
-                self._fit_phrases(sample)
-            except Exception as exc:  # noqa: BLE001
-                sample.drop(DropReason.STAGE_ERROR, f"{self.name}: {type(exc).__name__}: {exc}")
-                continue
-            if not sample.phrases:
-                sample.drop(DropReason.NO_PHRASES, "every phrase is past the text limit")
-                continue
-            todo.append(sample)
+        todo = [s for s in batch if s.kept]
         if not todo:
             return batch
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
-            dets = self.predictor.ground([s.image for s in todo], [s.caption for s in todo],
-                                         [[list(p.span) for p in s.phrases] for s in todo])
-        for sample, det in zip(todo, dets):
+        cfg, icfg, lang = self.config, self.model.cfg.input, self.model.cfg.language
+        feed = TeacherFeed(self.model.tokenizer, device=self.device, min_size=self.predictor.preprocess.min_size,
+                           max_size=self.predictor.preprocess.max_size, divisibility=icfg.size_divisibility,
+                           max_query_len=lang.max_query_len, pad_to_max=cfg.text_padding is TextPadding.MAX,
+                           batch_size=cfg.batch_size, workers=cfg.workers(), prefetch=cfg.prefetch,
+                           window=cfg.group_window, resize_at=cfg.resize_at)
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        pending: deque = deque()
+        device_s = 0.0
+        with ThreadPoolExecutor(1, thread_name_prefix="teacher-finish") as finish, torch.inference_mode():
             try:
-                self._label(sample, det)
-            except Exception as exc:  # noqa: BLE001
-                sample.drop(DropReason.STAGE_ERROR, f"{self.name}: {type(exc).__name__}: {exc}")
+                for fb in feed.batches(self._items(todo)):
+                    start = time.perf_counter()
+                    parts, event = self._infer(fb)
+                    device_s += time.perf_counter() - start
+                    pending.append(finish.submit(self._finish, todo, fb, parts, event, stream))
+                    while len(pending) > 1:          # one batch post-processes beside the next forward
+                        pending.popleft().result()
+            finally:
+                for job in pending:
+                    job.result()
+        for index, exc in feed.errors.items():
+            todo[index].drop(DropReason.STAGE_ERROR, f"{self.name}: {type(exc).__name__}: {exc}")
+        self._record(feed.stats, device_s)
         return batch
+
+    def _record(self, fs, device_s: float) -> None:
+        s = self.stats
+        real = s.get("_real", 0) + fs.real_pixels
+        padded = s.get("_padded", 0) + fs.padded_pixels
+        s.update(_real=real, _padded=padded, images=s["images"] + fs.images, batches=s["batches"] + fs.batches,
+                 padded_fraction=round(1 - real / padded, 4) if padded else 0.0,
+                 cpu_s=round(s["cpu_s"] + fs.cpu_s, 4), device_s=round(s["device_s"] + device_s, 4))
+

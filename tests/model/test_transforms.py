@@ -92,3 +92,64 @@ def test_load_image_inputs(tmp_path, photo):
         load_image(np.zeros((4, 4, 3), dtype=np.float32))
     with pytest.raises(TypeError):
         load_image(3.0)
+
+
+# ------------------------------------------------------------------ the teacher's feed (uint8 + device)
+from model.transforms import ResizeAt, decode_for_device, device_batch  # noqa: E402
+
+
+def _noisy_jpeg(size, exif_orientation=None) -> bytes:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    arr = np.stack([x / 640 * 255, y / 480 * 255, (x + y) % 255], -1) + rng.normal(0, 20, (480, 640, 3))
+    im = Image.fromarray(arr.clip(0, 255).astype(np.uint8)).resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    kwargs = {}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    im.save(buf, "JPEG", quality=90, **kwargs)
+    return buf.getvalue()
+
+
+def _via_device(data, resize_at):
+    d = decode_for_device(data, CFG.min_size_test, CFG.max_size_test, resize_at)
+    flat = torch.from_numpy(d.pixels.reshape(-1).copy())
+    return d, device_batch(flat, [d.pixels.shape[:2]], [d.resized], CFG.pixel_mean, CFG.pixel_std, 32)
+
+
+@pytest.mark.parametrize("size, orientation", [((640, 480), None), ((300, 200), 6), ((1333, 800), None),
+                                               ((2000, 1500), 8)])
+def test_uint8_feed_matches_the_official_preprocessing(size, orientation):
+    data = _noisy_jpeg(size, orientation)
+    ref = Preprocessor(CFG)([data])
+    std = torch.tensor(CFG.pixel_std)[:, None, None]
+    for resize_at in ResizeAt:
+        d, batch = _via_device(data, resize_at)
+        assert [d.resized] == ref.image_sizes and [d.original] == ref.original_sizes
+        assert batch.shape == ref.images.shape
+        grey = ((batch - ref.images) * std).abs()          # in grey levels
+        if resize_at is ResizeAt.CPU:
+            assert torch.equal(batch, ref.images)           # bit-identical
+        else:                                               # PIL's integer bilinear vs float
+            assert grey.max() <= 2.0 + 1e-3 and grey.mean() <= 0.15
+            assert d.pixels.shape[:2] == (d.original if size != (1333, 800) else d.resized)
+
+
+def test_reduced_jpeg_decoding_stays_close_to_the_official_resize():
+    # 2400x1800 -> 1067x800: the JPEG decodes at 1/2 (1200x900), the device resizes the rest
+    data = _noisy_jpeg((2400, 1800))
+    ref = Preprocessor(CFG)([data])
+    d, batch = _via_device(data, ResizeAt.DEVICE)
+    assert d.pixels.shape[:2] == (900, 1200) and [d.original] == ref.original_sizes
+    grey = ((batch - ref.images) * torch.tensor(CFG.pixel_std)[:, None, None]).abs()
+    assert grey.mean() <= 1.5          # DCT scaling vs bilinear: differs on fine noise only
+
+
+def test_device_batch_pads_with_zeros_after_normalising():
+    pix = [np.full((40, 50, 3), 200, np.uint8), np.full((64, 30, 3), 10, np.uint8)]
+    flat = torch.from_numpy(np.concatenate([p.reshape(-1) for p in pix]))
+    out = device_batch(flat, [(40, 50), (64, 30)], [(40, 50), (64, 30)], CFG.pixel_mean, CFG.pixel_std, 32)
+    ref = pad_batch([normalize(Image.fromarray(p), CFG.pixel_mean, CFG.pixel_std) for p in pix], 32)
+    assert out.shape == (2, 3, 64, 64) and torch.equal(out, ref)
