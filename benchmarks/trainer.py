@@ -6,7 +6,7 @@ Both loops run the same `tiny` model, optimizer and `train_step` on the same bat
 in-memory loop replays the batches the streaming loop produced, in the same order), from the
 same initial weights. The ratio streaming / in-memory step time says what reading, decoding,
 prompt sampling and collation cost on the critical path (goal <= 1.1). The data is
-stages/synthetic_train.py's three-source mixture (COCO detection, MDETR grounding, pseudo shards).
+synth/training.py's three-source mixture (COCO detection, MDETR grounding, pseudo shards).
 """
 from __future__ import annotations
 

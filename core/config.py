@@ -7,6 +7,7 @@ is raised before any work starts.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
 import re
@@ -143,12 +144,41 @@ def from_dict(cls: type[T], data: dict | None, source: str | None = None, prefix
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}{_where(source)}: {exc}") from None
     check = getattr(obj, "validate", None)
-    if callable(check):
+    if callable(check) and _VALIDATE.get():
         try:
             check()
         except ValueError as exc:
             raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}{_where(source)}: {exc}") from None
     return obj
+
+
+# A config that a program completes before use (``pipeline selftrain`` sets the trainer's output
+# and sources) is read with validation deferred, completed with ``dataclasses.replace`` and then
+# checked whole by ``validate_tree``.
+_VALIDATE: contextvars.ContextVar[bool] = contextvars.ContextVar("core_config_validate", default=True)
+
+
+def validate_tree(obj: Any, prefix: str = "", source: str | None = None) -> None:
+    """Run ``validate()`` on ``obj`` and every dataclass inside it (fields, lists, dict values),
+    innermost first; a ValueError becomes a ConfigError naming the key path."""
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            validate_tree(item, f"{prefix}[{i}].", source)
+        return
+    if isinstance(obj, dict):
+        for key, item in obj.items():
+            validate_tree(item, f"{prefix}{key}.", source)
+        return
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return
+    for f in dataclasses.fields(obj):
+        validate_tree(getattr(obj, f.name), f"{prefix}{f.name}.", source)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as exc:
+            raise ConfigError(f"{prefix.rstrip('.') or type(obj).__name__}{_where(source)}: {exc}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -214,11 +244,20 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file (optional) plus ``key=value`` overrides."""
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+         validate: bool = True) -> T:
+    """Load ``cls`` from a YAML file (optional) plus ``key=value`` overrides.
+
+    ``validate=False`` checks keys and types only; the caller completes the config and then
+    calls ``validate_tree``.
+    """
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "overrides"
     if overrides:
         data = merge_overrides(data, overrides)
         source = f"{source} (with overrides)" if path is not None else "overrides"
-    return from_dict(cls, data, source=source)
+    token = _VALIDATE.set(validate)
+    try:
+        return from_dict(cls, data, source=source)
+    finally:
+        _VALIDATE.reset(token)

@@ -32,7 +32,7 @@ from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
 __all__ = ["Folder", "ListingError", "is_local", "join", "expand_shards", "open_input", "shard_name",
-           "sha256_bytes", "read_bytes", "is_dir", "join_root"]
+           "sha256_bytes", "read_bytes", "is_dir", "join_root", "localise"]
 
 
 class ListingError(FileNotFoundError):
@@ -171,6 +171,21 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None, compress
     a missing file raises FileNotFoundError."""
     with fsspec.open(str(url), "rb", compression=compression, **(storage_options or {})) as fh:
         return fh.read()
+
+
+def localise(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str | None]:
+    """A local path for ``url`` (a file or a folder): local paths as they are; remote ones copied
+    into a new temporary folder, returned second so the caller can delete it (else None)."""
+    if "://" not in url or url.startswith("file://"):
+        path = url.removeprefix("file://")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{url} does not exist")
+        return path, None
+    fs, remote = url_to_fs(url, **(storage_options or {}))
+    tmp = tempfile.mkdtemp(prefix="glip-")
+    target = os.path.join(tmp, posixpath.basename(remote.rstrip("/")))
+    fs.get(remote, target, recursive=fs.isdir(remote))
+    return target, tmp
 
 
 def is_dir(url: str, storage_options: dict[str, Any] | None = None) -> bool:

@@ -1,4 +1,4 @@
-"""Anchors of the official GLIP/ATSS head (spec §5): one square anchor per location and level.
+"""Anchors of the official GLIP/ATSS head (docs/model.md §5): one square anchor per location and level.
 
 Cell anchors follow Detectron's legacy generator (``+1`` widths, anchors centred on
 ``(stride - 1) / 2``): for stride 8 and size 64 the cell anchor is ``[-28, -28, 35, 35]``.

@@ -1,4 +1,4 @@
-"""ATSS anchor assignment, as in the official GLIP loss (spec §6; ``ATSSLossComputation.prepare_targets``).
+"""ATSS anchor assignment, as in the official GLIP loss (docs/model.md §6; ``ATSSLossComputation.prepare_targets``).
 
 For every ground-truth box g of an image:
 

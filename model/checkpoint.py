@@ -1,6 +1,6 @@
 """Checkpoints: the official GLIP format <-> ours, and our own format (safetensors + config JSON).
 
-Official files (spec §9): ``torch.save({"model": state_dict, ...})`` of a DDP-wrapped model, so
+Official files (docs/model.md §9): ``torch.save({"model": state_dict, ...})`` of a DDP-wrapped model, so
 keys carry ``module.``; some files are bare state dicts. ``read_official`` accepts both and strips
 ``module.`` (only when every key has it, as the official loader does).
 

@@ -1,7 +1,7 @@
 """The GLIP model config: every architectural key, read in one place.
 
 ``configs/model/glip_t.yaml`` and ``glip_l.yaml`` carry the official hyper-parameters
-(shared/reference/glip_spec.md §1); ``tiny.yaml`` is ours for CPU.
+(docs/model.md §1); ``tiny.yaml`` is ours for CPU.
 """
 from __future__ import annotations
 

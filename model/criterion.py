@@ -1,4 +1,4 @@
-"""The GLIP training objective (spec §6; official ``ATSSLossComputation`` with the dot-product token loss).
+"""The GLIP training objective (docs/model.md §6; official ``ATSSLossComputation`` with the dot-product token loss).
 
 ``GLIPCriterion`` is separate from the network, like DETR's ``SetCriterion``: it takes the
 network's output dict and per-image targets, assigns anchors with ATSS (model/atss.py) and
@@ -121,7 +121,7 @@ def _world_size() -> int:
 
 
 class GLIPCriterion(nn.Module):
-    """ATSS + token focal loss + GIoU + centerness (spec §6). No parameters."""
+    """ATSS + token focal loss + GIoU + centerness (docs/model.md §6). No parameters."""
 
     def __init__(self, cfg: LossConfig, box_coder: BoxCoder | None = None,
                  noobj_num_tokens: int = NOOBJ_NUM_TOKENS):
@@ -227,7 +227,7 @@ def targets_from_samples(samples: Sequence[Mapping], encoding, scales=1.0,
 
     samples: per image a mapping with ``caption``, ``boxes`` ([G, 4] xyxy, absolute pixels of the
     stored image) and ``tokens_positive`` (per box a list of [begin, end) character spans of the
-    caption; the grounding schema of shared/DESIGN.md).
+    caption; the grounding schema of docs/architecture.md).
     encoding: the fast tokenizer's BatchEncoding of the samples' captions, in order (e.g.
     ``GLIP.tokenize``); its width T is the width of the token logits.
     scales: the resize factor from the stored image to the network input: one float for all

@@ -1,4 +1,4 @@
-"""DyConv: the vision part of a VL-DyHead block (spec §4.4, official ``vldyhead.DyConv``).
+"""DyConv: the vision part of a VL-DyHead block (docs/model.md §4.4, official ``vldyhead.DyConv``).
 
 Per level l: three modulated deformable 3x3 convs + GroupNorm look at the level itself
 (``convs[1]``), the level below at stride 2 (``convs[2]``) and the level above (``convs[0]``,
@@ -35,7 +35,7 @@ class HSigmoid(nn.Module):
 
 def upper_level_offset(offset: torch.Tensor, mask: torch.Tensor,
                        size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-interpret level-l offsets/mask for a conv whose output is ``size`` (spec §4.4).
+    """Re-interpret level-l offsets/mask for a conv whose output is ``size`` (docs/model.md §4.4).
 
     offset: [B, 18, H, W], mask: [B, 9, H, W] computed at level l. The official kernel reads
     ``offset[b]`` / ``mask[b]`` memory as [18, h, w] / [9, h, w]: the first ``18·h·w`` values of

@@ -1,4 +1,4 @@
-"""FPN with P6/P7 (RetinaNet style), exactly as the official GLIP ``SWINT-FPN-RETINANET`` (spec §2).
+"""FPN with P6/P7 (RetinaNet style), exactly as the official GLIP ``SWINT-FPN-RETINANET`` (docs/model.md §2).
 
 Names are ours; the official ones are off by one (checkpoint.py maps them):
 ``lateral.{0,1,2}`` = ``fpn_inner{2,3,4}`` (1x1 on C3/C4/C5), ``output.{0,1,2}`` = ``fpn_layer{2,3,4}``

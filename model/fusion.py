@@ -1,4 +1,4 @@
-"""Bi-directional vision-language cross-attention of the VL-DyHead (spec §4.2, official "MHA-B").
+"""Bi-directional vision-language cross-attention of the VL-DyHead (docs/model.md §4.2, official "MHA-B").
 
 All pyramid levels are flattened (row-major H·W) and concatenated into ONE visual sequence that
 attends to the text and is attended by it, in a single call. The residual is added to the

@@ -1,4 +1,4 @@
-"""VL-DyHead: the GLIP detection head (spec §4, official ``rpn/vldyhead.py``).
+"""VL-DyHead: the GLIP detection head (docs/model.md §4, official ``rpn/vldyhead.py``).
 
 A tower of ``num_blocks`` blocks, each ``[fusion -> text_layer -> dyconv]`` (only ``dyconv``
 when ``head.fusion`` is ``none``, official GLIP-T(A)), then per level: box regression
@@ -12,7 +12,7 @@ with X_l the tower's visual features, un-normalised. The text is the tower's fus
 fusion) or the language model's masked hidden state (without fusion, official ``embedded``).
 Padded tokens' logits are computed like the official ones; the loss masks them.
 
-State-dict names: see the contract in ``shared/`` (``blocks.{i}.{fusion,text_layer,dyconv}.*``,
+State-dict names: see docs/model.md §4.1 and ``model/checkpoint.py`` (``blocks.{i}.{fusion,text_layer,dyconv}.*``,
 ``bbox_pred``, ``centerness``, ``token_proj``, ``scales.{l}.scale``, ``log_scale``,
 ``bias_lang``, ``bias0``).
 """

@@ -1,6 +1,6 @@
 """The language backbone: a BERT encoder and its WordPiece tokenizer, from local files only.
 
-Official GLIP (spec §3): ``BertModel("bert-base-uncased", add_pooling_layer=False)``, called with
+Official GLIP (docs/model.md §3): ``BertModel("bert-base-uncased", add_pooling_layer=False)``, called with
 ``input_ids`` and ``attention_mask`` only (token types are zero); the fusion uses the last hidden
 state, unmasked, and the attention mask. Prompts are padded to 256 tokens (``pad_to_max``).
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from pathlib import Path
 
 from model.checkpoint import load_official_into, load_pretrained
@@ -28,18 +27,13 @@ def sha256_path(path: str | Path) -> str:
 
 def _localise(url: str) -> tuple[Path, str | None]:
     """A local path for ``url``; fsspec URLs are copied to a temporary folder (returned too)."""
-    if "://" not in url or url.startswith("file://"):
-        path = Path(url.removeprefix("file://"))
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {url} does not exist")
-        return path, None
-    import fsspec
+    from core.storage import localise
 
-    fs, remote = fsspec.core.url_to_fs(url)
-    tmp = tempfile.mkdtemp(prefix="glip-ckpt-")
-    target = Path(tmp) / Path(remote.rstrip("/")).name
-    fs.get(remote, str(target), recursive=fs.isdir(remote))
-    return target, tmp
+    try:
+        path, tmp = localise(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {url} does not exist") from None
+    return Path(path), tmp
 
 
 def load_glip(checkpoint: str, fmt: CheckpointFormat = CheckpointFormat.AUTO, model: str = "glip_t",

@@ -1,4 +1,4 @@
-"""Detections from the head's outputs (spec §8; official ``ATSSPostProcessor`` + ``boxlist_ml_nms``).
+"""Detections from the head's outputs (docs/model.md §8; official ``ATSSPostProcessor`` + ``boxlist_ml_nms``).
 
 Per level and image: token probabilities = sigmoid(logits); an entity's score = the mean of its
 tokens' probabilities; candidates = score > ``score_threshold`` (tested BEFORE centerness); keep

@@ -1,4 +1,4 @@
-"""Prompts and token maps (spec §7, §8; official ``engine/inference.py``, ``modulated_coco.py``).
+"""Prompts and token maps (docs/model.md §7, §8; official ``engine/inference.py``, ``modulated_coco.py``).
 
 - Detection prompt: class names cleaned (``clean_name``) and joined by ``". "`` with no trailing
   separator, e.g. ``"person. bicycle. car"``; each name's character span is its entity.

@@ -1,4 +1,4 @@
-"""The per-block BERT layer of the VL-DyHead (spec §4.3): a BertLayer with clamps.
+"""The per-block BERT layer of the VL-DyHead (docs/model.md §4.3): a BertLayer with clamps.
 
 Same parameter names as ``transformers``' BertLayer (``attention.self.{query,key,value}``,
 ``attention.output.{dense,LayerNorm}``, ``intermediate.dense``, ``output.{dense,LayerNorm}``),

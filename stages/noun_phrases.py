@@ -1,6 +1,6 @@
 """Noun phrases: spaCy noun chunks of each caption -> ``sample.phrases`` with exact char spans.
 
-The GRIT recipe (Kosmos-2), as DESIGN.md describes: every noun chunk of the caption is a
+The GRIT recipe (Kosmos-2), as docs/architecture.md describes: every noun chunk of the caption is a
 candidate phrase; abstract ones are removed with a configurable block list; a sample left with
 no phrase is dropped ``NO_PHRASES``.
 

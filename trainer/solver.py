@@ -1,6 +1,6 @@
 """The official GLIP solver pieces: AdamW parameter groups, the warmup + multi-step schedule, EMA.
 
-Spec (shared/reference/glip_spec.md §1, "Solver details"): one group per kind of tensor — base
+The official solver (docs/model.md §1): one group per kind of tensor — base
 LR, ``language.*`` at LANG_LR, any name containing "bias" at LR x BIAS_LR_FACTOR with
 WEIGHT_DECAY_BIAS; linear warmup from WARMUP_FACTOR over WARMUP_ITERS; x GAMMA at each milestone
 (fractions of max_iter); ModelEma as the official ``utils/ema.py``.

@@ -29,7 +29,7 @@ Conventions (each a deliberate choice):
   and ``val2017/``. LVIS ``neg_category_ids`` / ``not_exhaustive_category_ids`` are checked
   and kept on ``CocoImage`` for the federated evaluation.
 - ``Sample`` of a detection image: no caption (the prompt is built from category names at
-  training time, DESIGN.md); ``meta`` holds ``image_id``, ``file_name`` and ``category_ids``
+  training time, docs/architecture.md); ``meta`` holds ``image_id``, ``file_name`` and ``category_ids``
   (one per box); ``key`` is the image id made shard-safe.
 """
 from __future__ import annotations

@@ -128,3 +128,40 @@ def test_brace_patterns_survive_list_overrides():
     data = merge_overrides({}, ["shards=[data/{00000..00009}.tar, s3://b/{0..3}.tar]"])
     assert from_dict(Paths, data).shards == ["data/{00000..00009}.tar", "s3://b/{0..3}.tar"]
     assert from_dict(Paths, merge_overrides({}, ["shards=data/*.tar"])).shards == ["data/*.tar"]
+
+
+@dataclass
+class _Part:
+    n: int = 0
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass
+class _Whole:
+    out: str = ""
+    part: _Part = field(default_factory=_Part)
+    items: dict[str, _Part] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ValueError("out is empty")
+
+
+def test_deferred_validation_then_validate_tree():
+    """A program completing a config (selftrain sets the trainer's output) reads it with
+    validation deferred; validate_tree then checks the whole tree, naming the nested key."""
+    import dataclasses
+
+    from core.config import validate_tree
+
+    with pytest.raises(ConfigError, match="out is empty"):
+        load(_Whole, None, ["part.n=2"])                       # validated at once by default
+    cfg = load(_Whole, None, ["part.n=2"], validate=False)
+    cfg = dataclasses.replace(cfg, out="x", items={"a": _Part(0)})
+    with pytest.raises(ConfigError, match=r"items\.a: n must be >= 1, got 0"):
+        validate_tree(cfg)
+    validate_tree(dataclasses.replace(cfg, items={"a": _Part(3)}))
+    assert load(_Whole, None, ["out=y", "part.n=1"]).out == "y"   # later loads validate again

@@ -17,7 +17,7 @@ def grid_anchors(n: int, size: float, stride: float, offset: float = 0.0) -> tor
 
 
 def pyramid(height: int, width: int) -> list[torch.Tensor]:
-    """The official anchors (spec §5) of an image of (height, width)."""
+    """The official anchors (docs/model.md §5) of an image of (height, width)."""
     gen = AnchorGenerator(AnchorConfig())
     feats = [torch.zeros(1, 1, math.ceil(height / s), math.ceil(width / s)) for s in gen.strides]
     return gen(feats)

@@ -15,11 +15,10 @@ from model.config import load_model_config
 from model.glip import build_glip
 
 _ROOT = Path(__file__).resolve().parents[2]
-# The official parameter manifests (copied from shared/reference/ into tests/model/data/ so the
-# test never depends on what lies beside the checkout).
+# The official parameter manifests ([name, shape] of every tensor of the released GLIP-T and GLIP-L
+# checkpoints), kept in tests/model/data/ so the test depends on nothing outside the checkout.
 REFERENCE = next((p for p in (Path(os.environ.get("GLIP_REFERENCE_DIR", "/nonexistent")),
-                              Path(__file__).resolve().parent / "data",
-                              _ROOT / "shared" / "reference", _ROOT.parent / "shared" / "reference")
+                              Path(__file__).resolve().parent / "data")
                   if (p / "glip_t_state_dict.json").is_file()), None)
 DROPPED = {"module.rpn.head.cls_logits.weight", "module.rpn.head.cls_logits.bias",
            "module.language_backbone.body.model.embeddings.position_ids"}
@@ -29,7 +28,7 @@ def manifest(name: str) -> list[tuple[str, tuple[int, ...]]]:
     """Reference (name, shape) list; ``t_a`` = GLIP-T(A), derived from T: no fusion modules,
     the DyConv of block i at ``dyhead_tower.{i}``."""
     if REFERENCE is None:
-        pytest.skip("the reference manifests (shared/reference/glip_*_state_dict.json) are not here; "
+        pytest.skip("the reference manifests (tests/model/data/glip_*_state_dict.json) are not here; "
                     "set GLIP_REFERENCE_DIR")
     if name != "t_a":
         return [(k, tuple(s)) for k, s in json.loads((REFERENCE / f"glip_{name}_state_dict.json").read_text())]
@@ -62,7 +61,7 @@ CASES = [("glip_t", [], "t"), ("glip_t", ["head.fusion=none"], "t_a"), ("glip_l"
 @pytest.mark.parametrize("config, overrides, ref", CASES, ids=["glip_t", "glip_t_a", "glip_l"])
 def test_official_checkpoint_loads_strictly_and_exports_back(tmp_path, config, overrides, ref):
     entries = manifest(ref)
-    assert len(entries) == {"t": 746, "t_a": 542, "l": 1022}[ref]      # spec §1, §9
+    assert len(entries) == {"t": 746, "t_a": 542, "l": 1022}[ref]      # docs/model.md §1, §9
     original = fake_checkpoint(entries)
     torch.save({"model": original, "iteration": 1}, tmp_path / "official.pth")
 

@@ -41,7 +41,7 @@ def draw(size, shapes):
 
 
 def synthetic_batch():
-    """Two 128 x 128 images with grounding records (the schema of shared/DESIGN.md)."""
+    """Two 128 x 128 images with grounding records (the schema of docs/architecture.md)."""
     red, blue, green = (220, 30, 30), (30, 60, 220), (30, 180, 60)
     samples = [
         {"caption": "a red square. a blue circle",

@@ -1,4 +1,4 @@
-"""The official solver pieces (stages/solver.py): AdamW parameter groups, the warmup + step
+"""The official solver pieces (trainer/solver.py): AdamW parameter groups, the warmup + step
 schedule, EMA, and our per-prefix lr multipliers."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training prompts: detection data as grounding, negative caption packing, pseudo-label screening.
 
-The official GLIP recipe (spec §7; ``od_to_grounding.py``, ``coco_dt.py``, ``caption.py``),
+The official GLIP recipe (docs/model.md §7; ``od_to_grounding.py``, ``coco_dt.py``, ``caption.py``),
 drawn from a ``numpy.random.Generator`` so a seed fixes every choice:
 
 - ``detection_to_grounding``: an image's positive classes are shuffled and kept while their

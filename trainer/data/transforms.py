@@ -1,4 +1,4 @@
-"""Training transforms and the batch collate of the student trainer (spec §7, official
+"""Training transforms and the batch collate of the student trainer (docs/model.md §7, official
 ``data/transforms/build.py``, ``transforms.py``, ``structures/bounding_box.py``).
 
 Per sample, in the official order: decode (EXIF-transposed, the frame the boxes live in) ->

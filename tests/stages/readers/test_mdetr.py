@@ -81,7 +81,7 @@ def test_grounding_samples(flickr_files):
     assert s0.meta["tokens_positive_eval"] == [[[0, 5]], [[9, 20]], [[38, 43]]]
     assert samples[1].phrases[0].text == "Two people" and len(samples[1].boxes) == 2
     assert reader.stats["degenerate_boxes"] == 1 and reader.stats["boxes"] == 4
-    record = s0.to_record()                 # the grounding schema of DESIGN.md
+    record = s0.to_record()                 # the grounding schema (docs/architecture.md)
     assert record["phrases"][1] == {"text": "a red shirt", "span": [9, 20]}
 
 
