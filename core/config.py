@@ -94,8 +94,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
             raise ConfigError(f"{key}{_where(source)}: expected a mapping, got {value!r}")
         args = get_args(tp)
         if len(args) == 2:
+            # null removes an entry (``data.sources.cc=null``) unless null is a value the mapping holds
+            drop = not _accepts_none(args[1])
             return {_coerce(args[0], k, f"{key} (a key)", source): _coerce(args[1], v, f"{key}.{k}", source)
-                    for k, v in value.items()}
+                    for k, v in value.items() if not (drop and v is None)}
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -118,6 +120,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(f"{key}{_where(source)}: cannot read {value!r} as {_type_name(tp)}")
+
+
+def _accepts_none(tp: Any) -> bool:
+    return tp is Any or tp is type(None) or (get_origin(tp) in (Union, types.UnionType)
+                                             and type(None) in get_args(tp))
 
 
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -215,7 +222,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def merge_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply dotted ``key=value`` overrides onto a nested dict (types are checked later)."""
+    """Apply dotted ``key=value`` overrides onto a nested dict (types are checked later).
+
+    ``KEY=null`` on an entry of a typed mapping (``dict[str, SomeConfig]``, e.g.
+    ``data.sources.cc=null``) removes that entry when the config is built (``from_dict``); on a
+    field it sets the field to null."""
     data = dict(data or {})
     for text in overrides:
         path, value = parse_override(text)

@@ -321,6 +321,9 @@ def _run_ray(cfg: TrainJobConfig, resume: bool, start: int) -> None:
             except Exception:              # noqa: BLE001 - empty, or Ray is gone
                 break
         progress.close()
+    if summary.get("data"):
+        from trainer.data.accounting import format_accounting
+        lines += [f"{'data' if i == 0 else '':<12}{line}" for i, line in enumerate(format_accounting(summary["data"]))]
         ray.kill(queue.actor)
         if started:
             ray.shutdown()

@@ -41,6 +41,7 @@ from torch import nn
 from core.device import Precision
 from trainer.config import (EvalWeights, InitKind, TrainConfig, check_resumable, model_config,  # noqa: F401
                             public_config, resume_config)
+from trainer.data.accounting import summarize
 from trainer.data.sources import BatchPrefetcher, TrainStream
 from trainer.solver import ModelEma, lr_factor, make_optimizer, milestones, param_groups  # noqa: F401
 from trainer.state import CheckpointStore, MetricsLog, rng_state, set_rng_state, write_json
@@ -187,10 +188,11 @@ def fit(cfg: TrainConfig, ctx: WorkerContext | None = None, resume: bool = False
                 means = _mean_over_workers({k: v / window_steps for k, v in window.items()}, ctx.device)
                 images = _mean_over_workers({"n": float(window_images)}, ctx.device)["n"] * ctx.world_size
                 keys = _gather(batch["keys"])
+                data = summarize(_gather(data_state.get("counts", {})))
                 elapsed = time.time() - window_start
                 record = {"step": step, "lr": last.lr, "lang_lr": cfg.lang_lr * lr_factor(step - 1, cfg),
                           **means, "img_per_s": images / max(elapsed, 1e-9), "keys": keys,
-                          **{k: v for k, v in counters.items()}}
+                          **{k: v for k, v in counters.items()}, "data": data}
                 last_loss = record["loss"]
                 if lead:
                     metrics.write(record)
@@ -203,7 +205,8 @@ def fit(cfg: TrainConfig, ctx: WorkerContext | None = None, resume: bool = False
                 _evaluate(model, ema, cfg, ctx, metrics, step)
     finally:
         batches.close()
-    summary = {"step": step, "output": cfg.output, "loss": last_loss, "counters": counters,
+    data = summarize(_gather(data_state.get("counts", {})))     # collective: every worker's counts
+    summary = {"step": step, "output": cfg.output, "loss": last_loss, "counters": counters, "data": data,
                "checkpoint": store.latest() if lead else None}
     if lead:
         summary["model"] = _export(model.state_dict(), model, cfg, "model", save_pretrained)

@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from stages.readers.common import (BoxConvention, as_box, as_dict, as_id, as_int_like, as_list,
-                                   check_root, convert_boxes, fail, file_stem, image_ext,
+                                   check_root, clipped_mask, convert_boxes, fail, file_stem, image_ext,
                                    ImageSamples, join_root, load_json, sample_key)
 from stages.schema import Sample
 
@@ -188,6 +188,8 @@ class CocoDetectionReader(ImageSamples):
         self._xyxy, keep = convert_boxes(xywh, sizes[pos, 0], sizes[pos, 1], self.convention)
         self._target = keep & ~crowd
         self._crowd = crowd
+        self._outside = ~keep & ~crowd          # wholly outside the image (or empty): not a target
+        self._clipped = clipped_mask(xywh, self._xyxy, self.convention) & self._target
         self._offsets = np.concatenate([[0], np.cumsum(np.bincount(pos, minlength=len(images)))])
 
         targets = np.bincount(pos[self._target], minlength=len(images))   # training boxes per image
@@ -203,6 +205,7 @@ class CocoDetectionReader(ImageSamples):
             "boxes": int(self._target.sum()),
             "crowd_boxes": int(crowd.sum()),
             "degenerate_boxes": int((~keep & ~crowd).sum()),
+            "clipped_boxes": int(self._clipped.sum()),
         }
 
     def _file_name(self, img: dict, i: int) -> str:

@@ -32,7 +32,7 @@ from model.box_ops import BoxConvention, convention_offset
 from stages.schema import DropReason, Sample
 
 __all__ = ["DatasetFormatError", "BoxConvention", "xywh_to_xyxy", "xyxy_to_xywh", "convert_boxes",
-           "load_json", "join_root", "check_root", "read_bytes", "sample_key", "image_ext"]
+           "clipped_mask", "load_json", "join_root", "check_root", "read_bytes", "sample_key", "image_ext"]
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -82,6 +82,14 @@ def convert_boxes(xywh: np.ndarray, width: np.ndarray, height: np.ndarray,
     xyxy[:, 3] = np.clip(xyxy[:, 3], 0.0, ymax)
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     return xyxy, keep
+
+
+def clipped_mask(xywh: np.ndarray, xyxy: np.ndarray, convention: BoxConvention) -> np.ndarray:
+    """Which boxes ``convert_boxes`` changed by clipping them to their image (``[N]`` bool)."""
+    xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
+    raw = xywh.copy()
+    raw[:, 2:] = xywh[:, :2] + xywh[:, 2:] - _offset(convention)
+    return np.any(np.abs(np.asarray(xyxy).reshape(-1, 4) - raw) > 1e-9, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +215,12 @@ class ImageSamples:
 
     def read_image(self, image) -> bytes:
         return read_bytes(self.image_url(image), self.config.storage_options)
+
+    def box_counts(self, index: int) -> tuple[int, int]:
+        """Of entry ``index``'s boxes: (left out as wholly outside the image or empty, clipped to it)."""
+        i = self._order[index]
+        start, end = int(self._offsets[i]), int(self._offsets[i + 1])
+        return int(self._outside[start:end].sum()), int(self._clipped[start:end].sum())
 
     def samples(self, indices: Iterable[int] | None = None, read_images: bool = True) -> Iterator[Sample]:
         """One ``Sample`` per entry (all, or those at ``indices``), image bytes read lazily; a

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from stages.readers.common import (BoxConvention, as_box, as_dict, as_id, as_int_like, as_list,
-                                   as_span, check_root, convert_boxes, fail, file_stem, image_ext,
+                                   as_span, check_root, clipped_mask, convert_boxes, fail, file_stem, image_ext,
                                    ImageSamples, join_root, load_json, sample_key, xywh_to_xyxy)
 from stages.schema import Phrase, Sample
 
@@ -204,6 +204,8 @@ class MdetrGroundingReader(ImageSamples):
         self._xyxy, keep = convert_boxes(self._xywh, sizes[pos, 0], sizes[pos, 1], self.convention)
         self._target = keep & ~crowd
         self._crowd = crowd
+        self._outside = ~keep & ~crowd          # wholly outside the image (or empty): not a target
+        self._clipped = clipped_mask(self._xywh, self._xyxy, self.convention) & self._target
         self._offsets = np.concatenate([[0], np.cumsum(np.bincount(pos, minlength=len(images)))])
         targets = np.bincount(pos[self._target], minlength=len(images))
         self._order = [i for i in range(len(images))
@@ -216,6 +218,7 @@ class MdetrGroundingReader(ImageSamples):
             "boxes": int(self._target.sum()),
             "crowd_boxes": int(crowd.sum()),
             "degenerate_boxes": int((~keep & ~crowd).sum()),
+            "clipped_boxes": int(self._clipped.sum()),
         }
 
     # -- access -------------------------------------------------------------------------------

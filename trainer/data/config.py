@@ -69,6 +69,10 @@ class TrainDataConfig:
     flip_prob: float = 0.5                   # AUGMENT.FLIP_PROB_TRAIN
     prefetch_batches: int = 2                # built ahead in a background thread; 0 = none
     max_consecutive_skips: int = 1000        # fail when this many samples in a row are unusable
+    # stop when a source has lost more than this share of the samples read to missing image
+    # files, checked once it has read missing_image_min_read (trainer.data.accounting)
+    max_missing_image_fraction: float = 0.01
+    missing_image_min_read: int = 200
 
     def __post_init__(self) -> None:
         converted = {}
@@ -93,5 +97,9 @@ class TrainDataConfig:
             raise ValueError("data.sources: the weights sum to 0")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"data.flip_prob must be a probability, got {self.flip_prob}")
+        if not 0.0 <= self.max_missing_image_fraction <= 1.0:
+            raise ValueError(f"data.max_missing_image_fraction must be in [0, 1], got {self.max_missing_image_fraction}")
+        if self.missing_image_min_read < 1:
+            raise ValueError(f"data.missing_image_min_read must be >= 1, got {self.missing_image_min_read}")
         if self.prefetch_batches < 0:
             raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")

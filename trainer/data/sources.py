@@ -29,7 +29,8 @@ mixture hands it out; the random choices of that sample (negatives, packing, res
 from ``default_rng([seed, rank, mixture step])``. So the data position is just the mixture's
 state (``TrainStream.state_dict``): a fresh stream that loads it yields exactly the batches an
 uninterrupted one would have. Samples that cannot be used (missing or undecodable image,
-pseudo labels all screened out) are skipped and counted by ``source:reason``.
+pseudo labels all screened out) are skipped and counted (``trainer.data.accounting``: per source,
+read = used + skipped by reason, and the boxes left out, clipped or screened).
 
 ``TrainStream.next_batch()`` returns ``collate``'s batch plus ``keys`` (``source/key``),
 ``sources`` and ``data_state`` (the position after this batch, what a checkpoint stores).
@@ -51,6 +52,7 @@ from core.storage import open_input
 from model.config import ModelConfig
 from stages.readers.output import read_output_samples
 from stages.schema import Sample, UnlabelledPhrases
+from trainer.data.accounting import DataAccounting
 from trainer.data.config import SourceKind, TrainDataConfig, TrainSourceConfig
 from trainer.data.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
 from trainer.data.prompts import (detection_to_grounding, pack_negative_captions, screen_pseudo_labels,
@@ -116,8 +118,11 @@ class _IndexedSource:
                  else np.arange(n))
         return (int(i) for i in worker_shard(order, self.rank, self.world_size))
 
-    def materialize(self, index: int, rng: np.random.Generator) -> Sample:
+    def materialize(self, index: int, rng: np.random.Generator, count=lambda field, n=1: None) -> Sample:
         image = self.reader[index]
+        outside, clipped = self.reader.box_counts(index)
+        count("boxes/outside", outside)
+        count("boxes/clipped", clipped)
         try:
             data = self.reader.read_image(image)
         except FileNotFoundError:
@@ -164,11 +169,13 @@ class _ShardSource:
 
         return refs() if by_shard else worker_shard(refs(), self.rank, self.world_size)
 
-    def materialize(self, ref: tuple, rng: np.random.Generator) -> Sample:
+    def materialize(self, ref: tuple, rng: np.random.Generator, count=lambda field, n=1: None) -> Sample:
         sample, pool = ref
         sample = dataclasses.replace(sample, source=self.name)
         if sample.scores:                       # human labels in a shard carry no scores: kept as they are
+            before = len(sample.boxes)
             sample = screen_pseudo_labels(sample, self.cfg.min_score)
+            count("boxes/below_score", before - len(sample.boxes))
         if not sample.boxes:
             raise _Skip("no_boxes")
         if self.packing is not None:
@@ -200,7 +207,8 @@ class TrainStream:
                           seed=_rank_seed(seed, rank)),
             {name: src.factory for name, src in self.sources.items()})
         self.transform = TrainTransform(model_cfg.input, TrainTransformConfig(flip_prob=cfg.flip_prob))
-        self.skipped: collections.Counter[str] = collections.Counter()
+        self.counts = DataAccounting(cfg.max_missing_image_fraction, cfg.missing_image_min_read,
+                                     roots={n: s.image_root for n, s in cfg.sources.items() if s.image_root})
 
     def _example(self):
         """The next usable example (skipping and counting unusable samples)."""
@@ -209,20 +217,25 @@ class TrainStream:
             name = self.mixture.source_at(step)
             ref = next(self.mixture)
             rng = np.random.default_rng([self.seed, self.rank, step])
+            self.counts.add(name, "read")
             try:
-                sample = self.sources[name].materialize(ref, rng)
+                sample = self.sources[name].materialize(ref, rng, lambda field, n=1: self.counts.add(name, field, n))
             except _Skip as exc:
-                self.skipped[f"{name}:{exc.args[0]}"] += 1
+                self.counts.skip(name, exc.args[0])
                 continue
             try:
-                return self.transform(sample, rng)
+                example = self.transform(sample, rng)
             except (OSError, ValueError, SyntaxError) as exc:     # PIL: undecodable or inconsistent image
-                if self.skipped[f"{name}:bad_image"] < 5:
+                if self.counts.counts[f"{name}/skipped/bad_image"] < 5:
                     log.warning("source %s: sample %s skipped (%s: %s)", name, sample.key,
                                 type(exc).__name__, exc)
-                self.skipped[f"{name}:bad_image"] += 1
+                self.counts.skip(name, "bad_image")
+                continue
+            self.counts.add(name, "used")
+            self.counts.check_missing(name)
+            return example
         raise RuntimeError(f"worker {self.rank}: {self.cfg.max_consecutive_skips} samples in a row were "
-                           f"unusable (skipped so far: {dict(self.skipped)}); check the sources' images, "
+                           f"unusable (so far: {self.counts.state_dict()}); check the sources' images, "
                            "min_score and box annotations")
 
     def next_batch(self) -> dict:
@@ -239,7 +252,7 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                "mixture": self.mixture.state_dict(), "skipped": dict(self.skipped)}
+                "mixture": self.mixture.state_dict(), "counts": self.counts.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -248,7 +261,7 @@ class TrainStream:
             raise ValueError(f"the data state belongs to worker {state['rank']} of {state['world_size']}, "
                              f"not {self.rank} of {self.world_size}")
         self.mixture.load_state_dict(state["mixture"])
-        self.skipped = collections.Counter(state.get("skipped", {}))
+        self.counts.load_state_dict(state.get("counts", {}))
 
 
 class BatchPrefetcher:

@@ -69,7 +69,9 @@ def test_index_legacy_convention_crowd_and_empty_boxes(coco_files):
     assert reader[1].boxes == [[90.0, 70.0, 99.0, 79.0]]
     assert reader[2].boxes == [] and reader[2].file_name == "c.jpg"
     assert reader.stats == {"images_in_file": 3, "images": 3, "images_without_boxes": 1, "annotations": 5,
-                            "boxes": 3, "crowd_boxes": 1, "degenerate_boxes": 1}
+                            "boxes": 3, "crowd_boxes": 1, "degenerate_boxes": 1, "clipped_boxes": 1}
+    # per image, for the trainer's accounting: (left out as outside or empty, clipped)
+    assert [reader.box_counts(i) for i in range(3)] == [(1, 0), (0, 1), (0, 0)]
 
 
 def test_continuous_convention_and_dropping_empty_images(coco_files):
