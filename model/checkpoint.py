@@ -77,6 +77,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that does not fit the model; the message names every offending key."""
 
 
+def untrusted_checkpoint_error(path, exc: Exception) -> CheckpointError:
+    """The refusal of ``torch.load(weights_only=True)``, explained: the file holds Python objects
+    beyond tensors (loading them would run code from the file), and how to convert a trusted one."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f" (it references {found.group(1)})" if found else ""
+    return CheckpointError(
+        f"{path} holds Python objects beyond tensors{what}; unpickling them could run code from the file, "
+        "so it is not loaded. If you trust the file, convert it once to plain tensors: python -c \"import "
+        "torch; s = torch.load('IN', weights_only=False); s = s.get('model', s); torch.save({'model': "
+        "{k: v for k, v in s.items() if isinstance(v, torch.Tensor)}}, 'OUT.pth')\" and give OUT.pth")
+
+
 def is_dropped(official_key: str) -> bool:
     return any(p.search(official_key) for p in DROPPED)
 
@@ -177,8 +189,7 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
         except RuntimeError:   # legacy (non-zip) serialisation cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which "
-                              f"are not loaded (weights_only=True): {exc}") from None
+        raise untrusted_checkpoint_error(path, exc) from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -96,7 +96,9 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     try:
         summary = api.train(config, overrides, resume=ns.resume)
     except TrainError as exc:
-        print(f"pipeline train: error: {exc}", file=sys.stderr)
+        if ns.debug:
+            raise
+        print(f"pipeline train: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     print(format_train_summary(summary))
     return 0
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="glip-selftrain: GLIP and its self-training data engine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the stage DAG (ingest -> noun phrases -> write) over web shards",
@@ -209,15 +213,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user fixes (config, data, checkpoint, storage): one line and exit 2, no traceback."""
+    from evaluation.grounding import EvaluationInputError
+    from model.checkpoint import CheckpointError
+    from stages.readers.common import DatasetFormatError
+    from trainer.data.accounting import MissingImagesError
+    return ConfigError, StorageError, DatasetFormatError, CheckpointError, MissingImagesError, EvaluationInputError
+
+
+def _one_line(exc: BaseException) -> str:
+    from pipeline.errors import strip_ansi
+    return " ".join(strip_ansi(str(exc)).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv                         # accepted after the sub-command too
+    ns = parser.parse_args([a for a in argv if a != "--debug"])
+    ns.debug = debug
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return ns.func(ns)
-    except (ConfigError, StorageError) as exc:
-        print(f"pipeline {ns.command}: error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        if ns.debug:
+            raise
+        print(f"pipeline {ns.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pipeline {ns.command}: interrupted; committed shards are kept, rerun to resume",

@@ -22,9 +22,10 @@ shared file system): rank 0 writes the checkpoints there and on ``--resume`` eve
 its own data position and RNG states back from it. Ray Train keeps its own run records under
 ``ray.storage_path`` (default ``OUTPUT/ray_train`` for local outputs).
 
-Before anything starts, ``preflight`` checks the config: the model config loads, every source's
-files exist, and the output agrees with ``--resume`` (a folder holding checkpoints is never
-trained over from scratch; a resume needs the run's number of workers).
+Before anything starts, ``preflight`` (``pipeline.preflight.check_train``) checks the config: the
+model config loads, every source's annotation file parses, its images are there (on a sample),
+the init checkpoint loads, and the output agrees with ``--resume`` (a folder holding checkpoints is
+never trained over from scratch; a resume needs the run's number of workers).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.config import ConfigError, to_dict
-from trainer.config import TrainConfig, check_resumable, load_train_config
+from trainer.config import TrainConfig, load_train_config
 from trainer.loop import WorkerContext, fit
 
 __all__ = ["TrainError", "Launcher", "TorchBackend", "TrainRayConfig", "TrainJobConfig", "load_train_job", "preflight",
@@ -109,51 +110,11 @@ def _launcher(cfg: TrainJobConfig) -> Launcher:
     return Launcher.RAY
 
 
-def _exists(url: str, storage_options: dict) -> bool:
-    from fsspec.core import url_to_fs
-    fs, path = url_to_fs(url, **storage_options)
-    return fs.exists(path)
-
-
 def preflight(cfg: TrainJobConfig, resume: bool) -> dict | None:
-    """Raise ConfigError for what would fail later; returns the checkpoint pointer (or None)."""
-    from model.config import load_model_config
-    from trainer.data.config import SourceKind
-    from trainer.data.sources import expand_shards
-    from trainer.state import CheckpointStore
-
-    try:
-        cfg.validate()
-        load_model_config(cfg.model, cfg.model_overrides)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    for name, src in cfg.data.sources.items():
-        where = f"data.sources.{name}"
-        if src.kind is SourceKind.PSEUDO:
-            try:
-                expand_shards(src.shards, src.storage_options, where=f"{where}.shards")
-            except FileNotFoundError as exc:
-                raise ConfigError(str(exc)) from None
-            continue
-        if not _exists(src.annotations, src.storage_options):
-            raise ConfigError(f"{where}.annotations: {src.annotations} does not exist; give the JSON's path "
-                              f"or URL with {where}.annotations=...")
-        for key, root in [("image_root", src.image_root)] + [(f"image_roots.{k}", v) for k, v in src.image_roots.items()]:
-            if root and not _exists(root, src.storage_options):
-                raise ConfigError(f"{where}.{key}: {root} does not exist; give the image folder with "
-                                  f"{where}.{key}=...")
-    store = CheckpointStore(cfg.output, cfg.storage_options, keep=cfg.keep_checkpoints)
-    found = store.checkpoints()
-    if found and not resume:
-        raise ConfigError(f"{cfg.output} already holds checkpoints (newest: {found[-1][1]}); pass --resume to "
-                          "continue that run, or choose a new output")
-    pointer = store.pointer() if found else None
-    if pointer is not None:
-        try:
-            check_resumable(pointer.get("resume_config", {}), pointer.get("world_size"), cfg, cfg.ray.num_workers)
-        except ValueError as exc:
-            raise ConfigError(f"{cfg.output}: {exc}") from None
-    return pointer
+    """Raise ConfigError for what would fail later (``pipeline.preflight.check_train``); returns
+    the checkpoint pointer (or None)."""
+    from pipeline.preflight import check_train
+    return check_train(cfg, resume)
 
 
 # ------------------------------------------------------------------------------------ progress
@@ -310,8 +271,9 @@ def _run_ray(cfg: TrainJobConfig, resume: bool, start: int) -> None:
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as exc:
-            raise TrainError(f"training failed on a worker (checkpoints so far are kept; fix the cause and "
-                             f"rerun with --resume): {exc}") from None
+            from pipeline.errors import root_cause
+            raise TrainError(f"training failed on a worker: {root_cause(exc)} (checkpoints so far are kept; "
+                             "fix the cause and rerun with --resume)") from None
     finally:
         done.set()
         thread.join(timeout=5)
@@ -321,9 +283,6 @@ def _run_ray(cfg: TrainJobConfig, resume: bool, start: int) -> None:
             except Exception:              # noqa: BLE001 - empty, or Ray is gone
                 break
         progress.close()
-    if summary.get("data"):
-        from trainer.data.accounting import format_accounting
-        lines += [f"{'data' if i == 0 else '':<12}{line}" for i, line in enumerate(format_accounting(summary["data"]))]
         ray.kill(queue.actor)
         if started:
             ray.shutdown()
@@ -362,4 +321,7 @@ def format_train_summary(summary: dict) -> str:
         lines.append(f"model_ema   {summary['model_ema']}")
     if summary.get("counters"):
         lines.append("skipped     " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counters"].items())))
+    if summary.get("data"):
+        from trainer.data.accounting import format_accounting
+        lines += [f"{'data' if i == 0 else '':<12}{line}" for i, line in enumerate(format_accounting(summary["data"]))]
     return "\n".join(lines)

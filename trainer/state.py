@@ -115,12 +115,18 @@ class CheckpointStore:
         name = name or self.latest()
         if name is None:
             return None
-        if self.folder.local:
-            return torch.load(self.folder.path(name), map_location="cpu", weights_only=True)
-        data = self.folder.read_bytes(name)
-        if data is None:
-            raise FileNotFoundError(f"checkpoint {self.folder.url}/{name} does not exist")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        import pickle
+
+        from model.checkpoint import untrusted_checkpoint_error
+        try:
+            if self.folder.local:
+                return torch.load(self.folder.path(name), map_location="cpu", weights_only=True)
+            data = self.folder.read_bytes(name)
+            if data is None:
+                raise FileNotFoundError(f"checkpoint {self.folder.url}/{name} does not exist")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise untrusted_checkpoint_error(f"{self.folder.url}/{name}", exc) from None
 
 
 # ------------------------------------------------------------------------------------ RNG states
