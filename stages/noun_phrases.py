@@ -17,18 +17,36 @@ no phrase is dropped ``NO_PHRASES``.
   regular singulars are tried too (``times -> time``, ``ways -> way``, ``stories -> story``,
   ``lives -> life``). Irregular plurals must be listed themselves.
 - Chunks whose root is a pronoun (``it``, ``what``, ``something``) are removed.
+- Web alt-text junk is removed: a phrase needs ``min_letters`` letters (emoji, ``50%``, ``2019``
+  name nothing), and chunks matching ``junk_pattern`` (hashtags, @mentions, URLs, file names,
+  pixel sizes) are not phrases; ``ALT_TEXT_BLOCKLIST`` adds stock-photo boilerplate and the
+  abstract nouns of stock captions to the block list (``benchmarks/noun_phrase_junk.py``).
 - At most ``max_phrases`` phrases are kept per caption (the first ones, in caption order).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from stages.base import BaseStage, Resources
 from stages.schema import DropReason, Phrase, Sample
 
-__all__ = ["NounPhraseConfig", "NounPhrases", "DEFAULT_BLOCKLIST", "MODEL_FALLBACKS",
+__all__ = ["NounPhraseConfig", "NounPhrases", "DEFAULT_BLOCKLIST", "ALT_TEXT_BLOCKLIST", "DEFAULT_JUNK_PATTERN",
+           "MODEL_FALLBACKS",
            "load_spacy"]
+
+# Web alt-text: stock-photo and shop boilerplate, file and image formats, photo sites, and the
+# abstract "concept" nouns of stock captions (measured in benchmarks/noun_phrase_junk.py).
+ALT_TEXT_BLOCKLIST: tuple[str, ...] = (
+    "stock", "royalty", "vector", "clipart", "eps", "jpg", "jpeg", "png", "svg", "gif", "hd", "resolution",
+    "wallpaper", "rendering", "3d", "template", "banner", "design", "style", "download", "space", "sale",
+    "service", "website", "site", "page", "tag", "arrival", "weekend", "night", "day", "season",
+    "unsplash", "shutterstock", "getty", "alamy", "istock", "dreamstime", "pinterest", "instagram",
+    "education", "knowledge", "teamwork", "relaxation", "wellness", "diversity", "inclusion", "protection",
+    "sustainability", "strategy", "marketing", "growth", "investment", "lifestyle", "technology",
+    "environment", "motivation", "celebration", "achievement", "leadership", "communication", "finance",
+)
 
 # Abstract or non-visual head nouns that make useless grounding phrases (GRIT-style).
 DEFAULT_BLOCKLIST: tuple[str, ...] = (
@@ -46,7 +64,10 @@ DEFAULT_BLOCKLIST: tuple[str, ...] = (
     # the picture itself, not a region of it
     "image", "picture", "photo", "photograph", "view", "shot", "illustration", "background",
     "closeup", "close-up", "up",
-)
+) + ALT_TEXT_BLOCKLIST
+
+DEFAULT_JUNK_PATTERN = (r"^[#@]|[#@]\w|https?://|www\.|\.(com|org|net)\b|\.(jpe?g|png|gif|webp|svg|eps)\b"
+                        r"|[A-Za-z]_\d|\d+\s*x\s*\d+")
 
 # When a model is not installed, try these (same weights, other package names).
 MODEL_FALLBACKS: dict[str, tuple[str, ...]] = {
@@ -63,6 +84,11 @@ class NounPhraseConfig:
     batch_size: int = 256
     blocklist: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCKLIST))
     max_phrases: int = 32
+    # a phrase needs at least this many letters ("🙂🙂🙂", "50%" and "2019" name nothing); 0 = off
+    min_letters: int = 1
+    # a chunk matching this (Python regex, searched in the chunk and the character before it) is
+    # web junk: hashtags and @mentions, URLs, file names, pixel sizes; "" = off
+    junk_pattern: str = DEFAULT_JUNK_PATTERN
     # spaCy is loaded once per actor; fractional CPUs leave room for the read/write tasks
     resources: Resources = field(default_factory=lambda: Resources(actors=1, num_cpus=0.5))
 
@@ -74,6 +100,12 @@ class NounPhraseConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.min_letters, int) or isinstance(self.min_letters, bool) or self.min_letters < 0:
+            raise ValueError(f"min_letters: expected an integer >= 0, got {self.min_letters!r}")
+        try:
+            re.compile(self.junk_pattern)
+        except re.error as exc:
+            raise ValueError(f"junk_pattern: not a regular expression ({exc}): {self.junk_pattern!r}") from None
         bad = [w for w in self.blocklist if not isinstance(w, str) or not w.strip()]
         if bad:
             raise ValueError(f"blocklist: every entry must be a non-empty word, got {bad[0]!r}")
@@ -127,6 +159,7 @@ class NounPhrases(BaseStage):
         self.model_name: str | None = None      # the pipeline actually loaded
         self.model_version: str | None = None
         self._blocked = frozenset(w.strip().lower() for w in config.blocklist)
+        self._junk = re.compile(config.junk_pattern, re.IGNORECASE) if config.junk_pattern else None
         self._pron_id = -1                      # spaCy symbol ids, set in setup()
         self._plural_tag_ids: frozenset[int] = frozenset()
 
@@ -165,12 +198,19 @@ class NounPhrases(BaseStage):
             return any(s in self._blocked for s in _singulars(word))
         return False
 
+    def is_junk(self, text: str, caption: str, start: int) -> bool:
+        """Too few letters, or web junk (``junk_pattern``, searched with the character before the
+        chunk so that the words of ``#beach`` or ``@name`` count as tags)."""
+        if sum(c.isalpha() for c in text) < self.config.min_letters:
+            return True
+        return bool(self._junk and self._junk.search(caption[max(start - 1, 0):start] + text))
+
     def phrases(self, doc) -> list[Phrase]:
         """The kept noun chunks of one parsed caption, in caption order."""
         out: list[Phrase] = []
         limit = self.config.max_phrases
         for chunk in doc.noun_chunks:
-            if self.is_blocked(chunk.root):
+            if self.is_blocked(chunk.root) or self.is_junk(chunk.text, doc.text, chunk.start_char):
                 continue
             out.append(Phrase(text=chunk.text, span=(chunk.start_char, chunk.end_char)))
             if len(out) >= limit:
