@@ -39,6 +39,7 @@ Keys that match no rule are passed through unchanged, so a strict load names the
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -261,6 +262,21 @@ def save_official(model: nn.Module, path: str | Path) -> None:
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (other threads may be
+    creating files)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """``model`` (a GLIP with ``.cfg``) -> ``directory``/{model.safetensors, config.json}."""
     from safetensors.torch import save_file
@@ -269,6 +285,7 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    os.chmod(directory / WEIGHTS_NAME, 0o666 & ~_umask())   # safetensors writes 0600; match the other files
     (directory / CONFIG_NAME).write_text(json.dumps(typed_config.to_dict(model.cfg), indent=2) + "\n")
     return directory
 

@@ -319,5 +319,8 @@ def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
         "scores": _merge_summaries([s.get("scores") for s in stats], scores=True),
         "duration_s": round(duration, 6),       # the shards' work time summed, not wall time
         "labelers": labelers,
+        # the one labeler of the run (as the manifest and each shard's stats name it); null when
+        # there is none (no teacher) or shards of several labelers were merged (see labelers)
+        "labeler": labelers[0] if len(labelers) == 1 else None,
         "read_errors": read_errors,
     }
