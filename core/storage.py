@@ -205,6 +205,26 @@ def _has_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
+# From this many plain names in one folder on, one listing of the folder replaces a check per
+# name (100,000 brace-expanded shards: one LIST instead of 100,000 HEAD requests or stats).
+_LIST_FOLDER_AT = 8
+
+
+def _files_in(fs, folder: str) -> set[str]:
+    """The files directly in ``folder``, as ``fs`` spells paths (one listing)."""
+    if is_local(fs):
+        try:
+            with os.scandir(folder) as entries:
+                return {f"{folder}/{e.name}" for e in entries if e.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+    try:
+        fs.invalidate_cache(folder)
+        return {e["name"].rstrip("/") for e in fs.ls(folder, detail=True) if e.get("type") == "file"}
+    except FileNotFoundError:
+        return set()
+
+
 def expand_shards(patterns, storage_options: dict[str, Any] | None = None, where: str = "input.shards",
                   fix: str = "check the pattern") -> list[str]:
     """Brace patterns and globs -> existing shard paths/URLs, in order of first appearance,
@@ -212,17 +232,39 @@ def expand_shards(patterns, storage_options: dict[str, Any] | None = None, where
 
     Every pattern must match at least one file: one that does not (or cannot be listed) raises
     :class:`ListingError` naming ``where``, the pattern and ``fix`` (a typo must not silently
-    shrink a run).
+    shrink a run). Many plain names in one folder are checked against one listing of it.
     """
     storage_options = storage_options or {}
+    filesystems: dict[str, Any] = {}
     found: list[str] = []
     for pattern in patterns:
-        for expanded in braceexpand(pattern):
-            fs, path = url_to_fs(expanded, **storage_options)
+        names = list(braceexpand(pattern))
+        resolved = []
+        for expanded in names:
+            scheme = expanded.split("://", 1)[0] if "://" in expanded else ""
+            if scheme not in filesystems:
+                filesystems[scheme] = url_to_fs(expanded, **storage_options)[0]
+            fs = filesystems[scheme]
+            resolved.append((expanded, fs, fs._strip_protocol(expanded)))
+        by_folder: dict[tuple[int, str], int] = {}
+        for _, fs, path in resolved:
+            if not _has_glob(path):
+                key = (id(fs), path.rsplit("/", 1)[0])
+                by_folder[key] = by_folder.get(key, 0) + 1
+        listings: dict[tuple[int, str], set[str]] = {}
+        for expanded, fs, path in resolved:
             protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
             prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+            key = (id(fs), path.rsplit("/", 1)[0])
             try:
-                matches = sorted(fs.glob(path)) if _has_glob(path) else ([path] if fs.isfile(path) else [])
+                if _has_glob(path):
+                    matches = sorted(fs.glob(path))
+                elif by_folder.get(key, 0) >= _LIST_FOLDER_AT:
+                    if key not in listings:
+                        listings[key] = _files_in(fs, key[1])
+                    matches = [path] if path in listings[key] else []
+                else:
+                    matches = [path] if fs.isfile(path) else []
             except Exception as exc:  # noqa: BLE001 - any backend error names the location
                 raise ListingError(f"{where}: cannot list {expanded}: {type(exc).__name__}: {exc}") from exc
             if not matches:

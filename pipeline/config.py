@@ -32,6 +32,9 @@ class InputConfig:
 class OutputConfig:
     path: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # _manifest.json (the compaction of the shards' commit records) is rewritten this often and
+    # at the end, never per shard; 0 = after every commit (tests)
+    compact_every_s: float = 300.0
 
 
 @dataclass
@@ -43,6 +46,9 @@ class RayConfig:
     # Fractional CPUs keep them schedulable next to the stage actors on small machines.
     task_num_cpus: float = 0.5
     max_shards_in_flight: int = 4           # back-pressure: shards read but not yet committed
+    # A shard whose task, actor or objects were lost (a node died) is resubmitted whole this
+    # many times before it is reported failed (and left for the next run).
+    shard_retries: int = 2
 
 
 def _default_stages() -> dict[str, Any]:
@@ -75,6 +81,8 @@ class RunConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.ray.max_shards_in_flight < 1:
             raise ValueError("ray.max_shards_in_flight must be >= 1")
+        if self.ray.shard_retries < 0 or self.output.compact_every_s < 0:
+            raise ValueError("ray.shard_retries and output.compact_every_s must be >= 0")
 
 
 def _typed_stages(raw: Any, source: str | None) -> dict[str, Any]:

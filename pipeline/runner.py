@@ -10,11 +10,13 @@ Each shard flows as one object through
 The runner knows no stage by name: ``cfg.stages`` lists them and ``stages/registry.py`` builds
 them; each stage's ``resources`` say how it is hosted.
 
-and the driver, the only writer of ``_manifest.json``, records the shard when its write task
-returns. Actors restart and their calls are retried when a worker dies; a shard that still fails
-is reported, left uncommitted, and redone by the next run. Output bytes depend only on the
-shard's content and the stage configs, never on scheduling, so a resumed run equals an
-uninterrupted one.
+The write task commits the shard: its data files, then its record (``NAME_stats.json``, see
+``pipeline/manifest.py``). The driver adds the record to the manifest in memory (O(1)) and
+compacts ``_manifest.json`` every ``output.compact_every_s`` seconds and at the end. Actors
+restart and their calls are retried when a worker dies; a shard whose objects died with a node is
+resubmitted (``ray.shard_retries``); one that still fails is reported, left uncommitted, and
+redone by the next run. Output bytes depend only on the shard's content and the stage configs,
+never on scheduling or retries, so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ import logging
 import os
 import sys
 import time
+from array import array
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import to_dict
-from pipeline.config import RunConfig, semantic_hash
-from pipeline.manifest import Manifest, ShardRecord
+from pipeline.config import RunConfig
+from pipeline.errors import root_cause
+from pipeline.manifest import Manifest, ShardRecord, stats_name
+from pipeline.resume import open_output
 from pipeline.storage import OutputDir, StorageError, expand_shards, open_input, sha256_bytes, shard_name
 from stages.schema import Sample
 
@@ -56,6 +61,10 @@ class RunSummary:
     # (shard, seconds since the run started, samples read) per shard committed by this run,
     # in commit order: the steady-state throughput is between the first and the last commit.
     commits: list[tuple[str, float, int]] = field(default_factory=list)
+    # The driver's seconds of bookkeeping per commit (result fetched -> recorded), commit order.
+    commit_overhead_s: array = field(default_factory=lambda: array("d"))
+    startup_s: float = 0.0         # inputs listed + output opened, before the first submission
+    resume_s: float = 0.0          # of which: opening the output (listing, manifest, records)
 
     @property
     def ok(self) -> bool:
@@ -97,16 +106,14 @@ def write_shard(work: ShardWork, cfg: RunConfig) -> tuple[ShardRecord, dict[str,
     labeler = next((s.labeler for s in work.samples if s.labeler is not None), None)
     stats = shard_stats(work.samples, shard=work.name, duration_s=time.time() - work.started,
                         labeler=labeler, read_error=work.read_error)
-    files = {f"{work.name}.tar": sha256_bytes(tar), f"{work.name}.parquet": sha256_bytes(parquet)}
-    stats["files"] = files
+    stats["files"] = {f"{work.name}.tar": sha256_bytes(tar), f"{work.name}.parquet": sha256_bytes(parquet)}
+    stats["input"] = work.input
     out.write_bytes(f"{work.name}.tar", tar)
     out.write_bytes(f"{work.name}.parquet", parquet)
-    # The stats file goes last: once it is there, the shard's data files are complete.
-    out.write_json(f"{work.name}_stats.json", stats)
-    files[f"{work.name}_stats.json"] = ""
-    record = ShardRecord(name=work.name, input=work.input, read=stats["read"], kept=stats["kept"],
-                         dropped=stats["dropped"], files=files, read_error=work.read_error)
-    return record, stats
+    # The stats file goes last: it is the commit record, so once it is there the shard's data
+    # files are complete.
+    out.write_json(stats_name(work.name), stats)
+    return ShardRecord.from_stats(stats), stats
 
 
 def build_stage(stage_name: str, cfg: RunConfig):
@@ -183,67 +190,40 @@ def init_ray(cfg: RunConfig) -> bool:
     return _init(cfg.ray.address, cfg.ray.num_cpus)
 
 
-def _check_output(out: OutputDir, cfg: RunConfig, inputs: list[str]) -> Manifest:
-    """Load the manifest of an earlier run into this output, or start a new one."""
-    out.ensure()
-    config_hash = semantic_hash(cfg)
-    manifest = Manifest.load(out)
-    if manifest is None:
-        return Manifest(config_sha256=config_hash, config=to_dict(cfg), inputs=inputs)
-    if manifest.config_sha256 != config_hash:
-        raise StorageError(
-            f"{cfg.output.path} holds shards made with a different stage config "
-            f"(config sha256 {manifest.config_sha256[:12]}… vs {config_hash[:12]}…); resuming "
-            "would mix two configs: choose a new output.path or delete the old output")
-    manifest.inputs = sorted(set(manifest.inputs) | set(inputs))
-    manifest.config = to_dict(cfg)
-    return manifest
-
-
 def run(cfg: RunConfig) -> RunSummary:
     """Run the DAG over every input shard not yet committed in ``cfg.output.path``."""
     import ray
-    from stages.write import merge_stats
 
     t0 = time.time()
     inputs = expand_shards(cfg.input.shards, cfg.input.storage_options)
     names = [shard_name(u) for u in inputs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise StorageError(f"input shards share the name {duplicates[0]!r} (output files are named "
+    if len(set(names)) != len(names):
+        duplicate = min(n for n, c in Counter(names).items() if c > 1)
+        raise StorageError(f"input shards share the name {duplicate!r} (output files are named "
                            "after the input shard); list shards with distinct file names")
     out = OutputDir(cfg.output.path, cfg.output.storage_options)
-    manifest = _check_output(out, cfg, inputs)
-    out.remove_stale_temporaries()
-
-    stats_by_shard: dict[str, dict] = {}
-    pending: list[tuple[str, str]] = []
-    for url, name in zip(inputs, names):
-        if manifest.committed(name, out):
-            stats = out.read_json(f"{name}_stats.json")
-            if stats is not None:
-                stats_by_shard[name] = stats
-                continue
-        pending.append((url, name))
+    state = open_output(out, cfg, inputs)
+    manifest = state.manifest
+    pending = [(url, name) for url, name in zip(inputs, names) if name not in manifest.shards]
     summary = RunSummary(output=cfg.output.path, shards_total=len(inputs),
-                         shards_skipped=len(inputs) - len(pending), shards_done=0)
+                         shards_skipped=len(inputs) - len(pending), shards_done=0,
+                         startup_s=time.time() - t0, resume_s=state.seconds)
     if pending:
         started_ray = init_ray(cfg)
         try:
-            _run_pending(cfg, pending, manifest, out, stats_by_shard, summary)
+            _run_pending(cfg, pending, manifest, out, summary)
         finally:
             if started_ray:
                 ray.shutdown()
-    merged = merge_stats([stats_by_shard[n] for n in sorted(stats_by_shard)])
-    out.write_json("stats.json", merged)
     manifest.save(out)
-    summary.totals = merged
+    summary.totals = manifest.stats.result()
+    out.write_json("stats.json", summary.totals)
     summary.seconds = time.time() - t0
     return summary
 
 
 def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manifest, out: OutputDir,
-                 stats_by_shard: dict[str, dict], summary: RunSummary) -> None:
+                 summary: RunSummary) -> None:
     import ray
     from tqdm import tqdm
 
@@ -254,51 +234,62 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
     pools = [_actor_pool(hop, cfg) if hop.actors else
              ray.remote(num_cpus=hop.num_cpus, max_retries=3, retry_exceptions=True)(run_in_task)
              for hop in hops]
-    inflight: dict[Any, tuple[str, list[tuple[ActorPool, int]]]] = {}
-    queue = list(pending)
+    cfg_ref = ray.put(cfg)
+    inflight: dict[Any, tuple[str, str, list[tuple[ActorPool, int]]]] = {}
+    queue = deque(pending)
+    attempts: Counter = Counter()
     bar = tqdm(total=len(pending), unit="shard", desc="pipeline run", disable=not cfg.progress,
                file=sys.stderr, dynamic_ncols=True)
     kept = read = 0
-    t_start = time.time()
+    t_start = last_compaction = time.time()
     try:
         while queue or inflight:
             while queue and len(inflight) < cfg.ray.max_shards_in_flight:
-                url, name = queue.pop(0)
-                work = read_task.remote(url, name, cfg, leading)
+                url, name = queue.popleft()
+                work = read_task.remote(url, name, cfg_ref, leading)
                 used = []
                 for hop, pool in zip(hops, pools):
                     if not isinstance(pool, ActorPool):
-                        work = pool.remote(work, cfg, hop.stages)
+                        work = pool.remote(work, cfg_ref, hop.stages)
                         continue
                     slot = pool.pick()
                     # retry_exceptions: a batch that raised (OOM, a flaky device) is tried again
                     work = pool.actors[slot].process.options(retry_exceptions=True).remote(work)
                     used.append((pool, slot))
-                ref = write_task.remote(work, cfg)
-                inflight[ref] = (name, used)
+                ref = write_task.remote(work, cfg_ref)
+                inflight[ref] = (url, name, used)
             done, _ = ray.wait(list(inflight), num_returns=1)
             for ref in done:
-                name, used = inflight.pop(ref)
+                url, name, used = inflight.pop(ref)
                 for pool, slot in used:
                     pool.load[slot] -= 1
+                t_commit = time.perf_counter()
                 try:
                     record, stats = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a failed shard must not stop the others
-                    summary.shards_failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                    attempts[name] += 1
+                    if attempts[name] <= cfg.ray.shard_retries:
+                        # a node (and the shard's objects or actors on it) died, or a retried
+                        # stage still raised: the whole shard again, same bytes
+                        log.warning("shard %s: %s; resubmitting (%d/%d)", name, root_cause(exc),
+                                    attempts[name], cfg.ray.shard_retries)
+                        queue.append((url, name))
+                        continue
+                    summary.shards_failed[name] = root_cause(exc)     # one line, no ANSI codes
                     log.error("shard %s failed and stays uncommitted: %s", name, summary.shards_failed[name])
                     bar.update(1)
                     continue
-                manifest.add(record)
-                if stats.get("labeler"):
-                    manifest.extra["labeler"] = stats["labeler"]
-                manifest.save(out)
-                stats_by_shard[name] = stats
+                manifest.add(record, stats)
+                if time.time() - last_compaction >= cfg.output.compact_every_s:
+                    manifest.save(out)
+                    last_compaction = time.time()
                 summary.shards_done += 1
                 summary.commits.append((name, time.time() - t_start, record.read))
                 read += record.read
                 kept += record.kept
-                bar.set_postfix(read=read, kept=kept)
+                bar.set_postfix(read=read, kept=kept, refresh=False)
                 bar.update(1)
+                summary.commit_overhead_s.append(time.perf_counter() - t_commit)
     finally:
         bar.close()
         for pool in pools:

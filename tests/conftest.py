@@ -90,25 +90,21 @@ def kill_tree():
 @pytest.fixture
 def run_until_committed(kill_tree):
     """Start ``pipeline run`` ARGS, SIGKILL its process tree once ``count`` shards are committed
-    (before the run ends); returns how many were committed at the kill."""
-    import json
+    (their commit records ``NAME_stats.json`` are in ``output``; before the run ends); returns
+    how many were committed at the kill."""
     import subprocess
     import sys
     import time
 
-    def run(args: list[str], manifest, count: int = 1, env=None, timeout: float = 300) -> int:
+    def run(args: list[str], output, count: int = 1, env=None, timeout: float = 300) -> int:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.time() + timeout
         committed = 0
         while time.time() < deadline and proc.poll() is None:
-            if manifest.exists():
-                try:
-                    committed = len(json.loads(manifest.read_text())["shards"])
-                except (json.JSONDecodeError, KeyError):
-                    committed = 0
-                if committed >= count:
-                    break
+            committed = len(list(output.glob("*_stats.json")))
+            if committed >= count:
+                break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
         kill_tree(proc)

@@ -171,22 +171,41 @@ def test_stats_command_prints_totals_and_writes_plots(first_run, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
+@pytest.mark.parametrize("compact_every_s", [3600, 0])
 def test_sigkill_while_writing_then_rerun_equals_uninterrupted_run(web_shards, first_run, tmp_path,
-                                                                   run_until_committed):
-    """Kill the whole process tree (driver + Ray) once a shard is committed, then rerun."""
+                                                                   run_until_committed, compact_every_s):
+    """Kill the whole process tree (driver + Ray) once shards are committed, then rerun.
+
+    With compaction every hour the kill lands between the shards' commit records and the next
+    compaction (the manifest lists none of them); with compaction after every commit it lands
+    at a random commit, maybe inside a compaction."""
+    import random
+
     root, _ = web_shards
     reference, _ = first_run
     out = tmp_path / "killed"
     args = [f"input.shards=[{root}/*.tar]", f"output.path={out}", "progress=false", "input.source=test",
-            "ray.max_shards_in_flight=1", "ray.num_cpus=2"]
-    committed = run_until_committed(args, out / "_manifest.json")
-    assert 1 <= committed < 3
+            "ray.max_shards_in_flight=1", "ray.num_cpus=2", f"output.compact_every_s={compact_every_s}"]
+    count = 1 if compact_every_s else random.choice([1, 2])
+    run_until_committed(args, out, count=count)
+    committed = len(list(out.glob("*_stats.json")))     # a record may have landed during the kill
+    assert count <= committed < 3
+    if compact_every_s:
+        manifest = json.loads((out / "_manifest.json").read_text())
+        assert manifest["shards"] == {}, "the kill should land before any compaction"
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "already committed" in result.stdout
+    assert f"{3 - committed} done now, {committed} already committed" in result.stdout
     assert _output_files(out) == _output_files(reference)
     assert not list(out.glob(".*.tmp"))
     totals = json.loads((out / "stats.json").read_text())
     ref_totals = json.loads((reference / "stats.json").read_text())
     assert (totals["read"], totals["kept"], totals["dropped"]) == (ref_totals["read"], ref_totals["kept"], ref_totals["dropped"])
+    assert totals["drops"] == ref_totals["drops"] and totals["shards"] == 3
+    manifest = json.loads((out / "_manifest.json").read_text())
+    ref_manifest = json.loads((reference / "_manifest.json").read_text())
+    assert manifest["shards"].keys() == ref_manifest["shards"].keys()
+    for name, record in manifest["shards"].items():
+        assert record["files"] == ref_manifest["shards"][name]["files"]
+    assert manifest["totals"] == ref_manifest["totals"]

@@ -113,7 +113,7 @@ def test_sigkill_during_the_teacher_stage_then_rerun_equals_clean_run(shards, la
     reference, _ = labelled
     out = tmp_path / "killed"
     args = [*_args(root, out, tiny_teacher), "ray.max_shards_in_flight=1", "ray.num_cpus=2"]
-    assert run_until_committed(args, out / "_manifest.json") == 1
+    assert run_until_committed(args, out) == 1
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,162 @@
+"""Bookkeeping that stays flat as shards grow: commit records, compaction, resume by listing.
+
+No Ray here: shards are committed with ``write_shard`` directly, as the write task does.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pipeline.config import load_run_config
+from pipeline.manifest import MANIFEST, Manifest, RunningStats
+from pipeline.resume import open_output
+from pipeline.runner import ShardWork, write_shard
+from pipeline.storage import OutputDir
+from stages.schema import DropReason, Sample
+from stages.write import merge_stats
+
+
+def _cfg(out, *extra):
+    return load_run_config(None, ["input.shards=[unused.tar]", f"output.path={out}", *extra])
+
+
+def _work(name: str, n: int = 3) -> ShardWork:
+    samples = []
+    for i in range(n):
+        s = Sample(key=f"{name}_{i}", input_shard=name, caption="a red ball")
+        s.drop(DropReason.NO_IMAGE if i % 2 else DropReason.TOO_SMALL, "test")
+        samples.append(s)
+    return ShardWork(name=name, input=f"in/{name}.tar", samples=samples, started=time.time())
+
+
+def _commit(cfg, manifest, name):
+    record, stats = write_shard(_work(name), cfg)
+    manifest.add(record, stats)
+    return record, stats
+
+
+class CountingOutput(OutputDir):
+    """Counts what start-up asks the store for."""
+    calls: dict = {}
+
+    def _count(self, what):
+        CountingOutput.calls[what] = CountingOutput.calls.get(what, 0) + 1
+
+    def read_bytes(self, name):
+        self._count("read:" + ("manifest" if name == MANIFEST else "record"))
+        return super().read_bytes(name)
+
+    def exists(self, name):
+        self._count("exists")
+        return super().exists(name)
+
+    def names(self):
+        self._count("list")
+        return super().names()
+
+
+def test_the_record_is_written_last_and_a_commit_writes_nothing_else(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path / "out")
+    written = []
+    original = OutputDir.write_bytes
+    monkeypatch.setattr(OutputDir, "write_bytes", lambda self, n, d: (written.append(n), original(self, n, d)))
+    state = open_output(OutputDir(cfg.output.path), cfg, [])
+    assert written == [MANIFEST]                      # the run-start manifest, with the config hash
+    written.clear()
+    for name in ("00000", "00001"):
+        _commit(cfg, state.manifest, name)
+    assert written == ["00000.tar", "00000.parquet", "00000_stats.json",
+                       "00001.tar", "00001.parquet", "00001_stats.json"]
+
+
+def test_resume_lists_once_and_reads_only_records_newer_than_the_manifest(tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    out = OutputDir(cfg.output.path)
+    manifest = open_output(out, cfg, []).manifest
+    for i in range(40):
+        _commit(cfg, manifest, f"{i:05d}")
+    manifest.save(out)                                 # a compaction after 40 shards...
+    for i in range(40, 43):
+        _commit(cfg, manifest, f"{i:05d}")             # ...then 3 records, then a SIGKILL
+    CountingOutput.calls = {}
+    state = open_output(CountingOutput(cfg.output.path), cfg, [])
+    assert CountingOutput.calls == {"read:manifest": 1, "list": 1, "read:record": 3}
+    assert state.recovered == ["00040", "00041", "00042"] and not state.redo
+    assert len(state.manifest.shards) == 43 and state.manifest.totals["read"] == 43 * 3
+    # the recovered records are compacted at start-up: the next start reads no record at all
+    CountingOutput.calls = {}
+    again = open_output(CountingOutput(cfg.output.path), cfg, [])
+    assert CountingOutput.calls == {"read:manifest": 1, "list": 1}
+    assert again.manifest.stats.result()["read"] == 43 * 3
+
+
+def test_a_compacted_shard_that_lost_a_file_is_redone_and_totals_rebuilt(tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    out = OutputDir(cfg.output.path)
+    manifest = open_output(out, cfg, []).manifest
+    for i in range(5):
+        _commit(cfg, manifest, f"{i:05d}")
+    manifest.save(out)
+    (tmp_path / "out" / "00003.parquet").unlink()
+    state = open_output(out, cfg, [])
+    assert state.redo == ["00003"] and "00003" not in state.manifest.shards
+    assert state.manifest.totals["read"] == 4 * 3
+    assert state.manifest.stats.result()["shards"] == 4 and state.manifest.stats.result()["read"] == 12
+
+
+def test_stats_files_without_a_manifest_are_not_trusted(tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    out = OutputDir(cfg.output.path)
+    manifest = open_output(out, cfg, []).manifest
+    _commit(cfg, manifest, "00000")
+    (tmp_path / "out" / MANIFEST).unlink()
+    assert open_output(out, cfg, []).manifest.shards == {}
+
+
+def test_resume_with_another_config_is_refused_even_before_any_compaction(tmp_path):
+    from pipeline.storage import StorageError
+
+    cfg = _cfg(tmp_path / "out")
+    open_output(OutputDir(cfg.output.path), cfg, [])
+    other = _cfg(tmp_path / "out", "stages.ingest.min_size=100")
+    with pytest.raises(StorageError, match="different stage config"):
+        open_output(OutputDir(other.output.path), other, [])
+
+
+def test_a_shard_is_committed_once(tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    manifest = open_output(OutputDir(cfg.output.path), cfg, []).manifest
+    record, stats = _commit(cfg, manifest, "00000")
+    with pytest.raises(ValueError, match="committed twice"):
+        manifest.add(record, stats)
+
+
+def test_running_stats_equal_one_merge_of_all_shards():
+    from stages.write import shard_stats as make
+
+    shard_stats = []
+    for i in range(23):
+        work = _work(f"{i:05d}", n=1 + i % 4)
+        stats = make(work.samples, shard=work.name, duration_s=0.5, read_error="truncated" if i == 7 else None)
+        shard_stats.append(json.loads(json.dumps(stats)))
+    running = RunningStats(chunk=4)
+    for stats in shard_stats:
+        running.add(stats)
+    restored = RunningStats(json.loads(json.dumps(running.state())), chunk=4)
+    assert restored.result() == running.result() == merge_stats(shard_stats)
+
+
+def test_manifest_round_trip_keeps_records_and_totals(tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    out = OutputDir(cfg.output.path)
+    manifest = open_output(out, cfg, ["in/00000.tar"]).manifest
+    for i in range(3):
+        _commit(cfg, manifest, f"{i:05d}")
+    manifest.save(out)
+    data = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert sorted(data["shards"]) == ["00000", "00001", "00002"]
+    assert data["totals"] == {"shards": 3, "read": 9, "kept": 0, "dropped": 9}
+    loaded = Manifest.load(out)
+    assert loaded.shards == manifest.shards and loaded.totals == manifest.totals
