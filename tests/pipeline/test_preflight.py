@@ -140,3 +140,10 @@ def test_checkpoint_checks(tmp_path, tiny_teacher):
     (half / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"has no model\.safetensors"):
         check_checkpoint(str(half), "stages.pseudo_label.checkpoint")
+
+
+def test_selftrain_with_a_bad_world_override_creates_nothing(tmp_path, capsys):
+    workdir = tmp_path / "selftrain"
+    line = one_error(capsys, ["selftrain", str(REPO / "configs" / "demo.yaml"), f"workdir={workdir}",
+                              "world_overrides=[bogus=1]"])
+    assert "unknown key bogus" in line and not workdir.exists()

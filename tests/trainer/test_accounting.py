@@ -141,6 +141,14 @@ def test_fit_reports_the_counts_in_metrics_and_summary(broken, tiny_random_model
     assert final["used"] == used == 6
     stream = TrainStream(cfg.data, tiny_random_model.cfg, tiny_random_model.tokenizer, batch_size=2, seed=0)
     assert final == expected_counts(stream, broken, final["read"])
+    # TensorBoard gets them as scalars, the end-of-run summary as one line per source
+    from pipeline.train import format_train_summary
+    from trainer.state import _scalars
+    scalars = _scalars(records[-1])
+    assert scalars["data/o365/read"] == final["read"] and scalars["data/o365/used"] == final["used"]
+    assert all(scalars[f"data/o365/skipped/{k}"] == v for k, v in final["skipped"].items())
+    text = format_train_summary(dict(summary, start_step=0, launcher="in_process", workers=1, seconds=1.0))
+    assert f"o365: read {final['read']} = used {final['used']} + skipped" in text
 
 
 @pytest.fixture(scope="module")
