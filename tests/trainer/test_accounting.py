@@ -34,12 +34,16 @@ def corrupt(root: Path) -> dict:
         by_image.setdefault(ann["image_id"], []).append(ann)
     multi = [i for i, anns in sorted(by_image.items()) if len(anns) >= 2]
     outside_id, clipped_id = multi[0], multi[1]
+    single = [i for i, anns in sorted(by_image.items()) if len(anns) == 1]
+    left_out_id = single[0]                                                   # its only box outside:
+    im = images[left_out_id]                                                  # not in the stream at all
+    by_image[left_out_id][0]["bbox"] = [5, im["height"] + 3, 10, 10]
     im = images[outside_id]
     by_image[outside_id][0]["bbox"] = [im["width"] + 10, 5, 20, 20]            # wholly outside: dropped
     im = images[clipped_id]
     by_image[clipped_id][0]["bbox"] = [im["width"] - 10, 2, 30, 10]            # partly outside: clipped
     mix.coco_annotations.write_text(json.dumps(data))
-    missing = [i for i in sorted(images) if i not in (outside_id, clipped_id)][:2]
+    missing = [i for i in sorted(images) if i not in (outside_id, clipped_id, left_out_id)][:2]
     for i in missing:
         (mix.coco_images / images[i]["file_name"]).unlink()
     return {"mix": mix, "missing": set(missing), "outside": {outside_id}, "clipped": {clipped_id}}
@@ -69,7 +73,8 @@ def expected_counts(stream: TrainStream, broken: dict, reads: int) -> dict:
     while len(order) < reads:
         order += list(source.factory(epoch))
         epoch += 1
-    out = {"read": reads, "used": 0, "skipped": {}, "boxes": {}}
+    out = {"read": reads, "used": 0, "skipped": {}, "boxes": {},
+           "file": {"images_left_out": 1, "boxes_outside": 2, "boxes_clipped": 1}}
     for index in order[:reads]:
         image_id = source.reader[index].image_id
         if image_id in broken["outside"]:
@@ -112,7 +117,7 @@ def test_pseudo_boxes_below_the_bar_and_images_left_without_one_are_counted(brok
     below = sum(sum(s <= min_score for s in r) for r in scores)
     no_boxes = sum(all(s <= min_score for s in r) for r in scores)
     assert counts == {"read": 8, "used": 8 - no_boxes, "skipped": {"no_boxes": no_boxes},
-                      "boxes": {"below_score": below}}
+                      "boxes": {"below_score": below}, "file": {}}
 
 
 def test_a_source_losing_too_many_images_stops_the_run(broken, tiny_random_model):

@@ -13,9 +13,12 @@ counting. Keys are ``SOURCE/FIELD``:
 - ``boxes/outside`` (wholly outside its image, or empty: not a target), ``boxes/clipped``
   (partly outside: clipped to the image), ``boxes/below_score`` (pseudo boxes at or below
   ``min_score``), counted over the samples read.
+- ``file/images_left_out`` (images of a COCO/MDETR file none of whose boxes is usable: they are
+  not in the stream at all), ``file/boxes_outside``, ``file/boxes_clipped``: the whole file's,
+  counted once (by worker 0) when the source is loaded.
 
 ``summarize`` turns the workers' flat states into ``{source: {read, used, skipped: {...},
-boxes: {...}}}``, what ``metrics.jsonl`` (key ``data``), TensorBoard (``data/SOURCE/...``) and the
+boxes: {...}, file: {...}}}``, what ``metrics.jsonl`` (key ``data``), TensorBoard (``data/SOURCE/...``) and the
 end-of-run summary show. A source whose ``no_image`` share passes ``max_missing_fraction`` once
 ``min_read`` of its samples were read stops the run (``MissingImagesError``): a wrong
 ``image_root`` or a half-synced bucket must not silently turn into training on the other sources.
@@ -44,6 +47,13 @@ class DataAccounting:
         if n:
             self.counts[f"{source}/{field}"] += n
 
+    def add_file_stats(self, source: str, stats: dict[str, int]) -> None:
+        """A COCO/MDETR reader's load-time ``stats``: images left out because none of their boxes
+        is usable (never read, so never counted as read), and boxes left out or clipped in the file."""
+        self.add(source, "file/images_left_out", stats.get("images_without_boxes", 0))
+        self.add(source, "file/boxes_outside", stats.get("degenerate_boxes", 0))
+        self.add(source, "file/boxes_clipped", stats.get("clipped_boxes", 0))
+
     def skip(self, source: str, reason: str) -> None:
         self.add(source, f"skipped/{reason}")
         if reason == "no_image":
@@ -69,14 +79,14 @@ class DataAccounting:
 
 
 def summarize(states: list[dict[str, int]]) -> dict[str, dict]:
-    """The workers' flat counts, summed, as ``{source: {read, used, skipped: {}, boxes: {}}}``."""
+    """The workers' flat counts, summed, as ``{source: {read, used, skipped: {}, boxes: {}, file: {}}}``."""
     total: collections.Counter[str] = collections.Counter()
     for state in states:
         total.update(state or {})
     out: dict[str, dict] = {}
     for key, value in sorted(total.items()):
         source, _, field = key.partition("/")
-        entry = out.setdefault(source, {"read": 0, "used": 0, "skipped": {}, "boxes": {}})
+        entry = out.setdefault(source, {"read": 0, "used": 0, "skipped": {}, "boxes": {}, "file": {}})
         group, _, name = field.partition("/")
         if name:
             entry.setdefault(group, {})[name] = value
@@ -93,8 +103,9 @@ def format_accounting(data: dict[str, dict]) -> list[str]:
         text = f"{source}: read {entry.get('read', 0)} = used {entry.get('used', 0)} + skipped {sum(skipped.values())}"
         if skipped:
             text += " (" + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) + ")"
-        boxes = {k: v for k, v in entry.get("boxes", {}).items() if v}
-        if boxes:
-            text += "; boxes " + ", ".join(f"{k} {v}" for k, v in sorted(boxes.items()))
+        for group in ("boxes", "file"):
+            values = {k: v for k, v in entry.get(group, {}).items() if v}
+            if values:
+                text += f"; {group} " + ", ".join(f"{k} {v}" for k, v in sorted(values.items()))
         lines.append(text)
     return lines

@@ -209,6 +209,10 @@ class TrainStream:
         self.transform = TrainTransform(model_cfg.input, TrainTransformConfig(flip_prob=cfg.flip_prob))
         self.counts = DataAccounting(cfg.max_missing_image_fraction, cfg.missing_image_min_read,
                                      roots={n: s.image_root for n, s in cfg.sources.items() if s.image_root})
+        if rank == 0:                           # what the annotation files lost at load, counted once
+            for name, src in self.sources.items():
+                if isinstance(src, _IndexedSource):
+                    self.counts.add_file_stats(name, src.reader.stats)
 
     def _example(self):
         """The next usable example (skipping and counting unusable samples)."""
