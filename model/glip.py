@@ -2,7 +2,8 @@
 
 Children (the state-dict contract; checkpoint.py maps the official names onto them):
 ``backbone`` (``body.*`` Swin or timm, ``fpn.*``), ``language`` (``model.*`` = BertModel without
-pooler), ``head`` (VLDyHead), ``anchor_generator`` (``cell_anchors.{l}`` buffers).
+pooler), ``head`` (VLDyHead), ``anchor_generator`` (``cell_anchors.{l}`` buffers); ``prompt_tuning``
+(``weight``) only on a prompt-tuned model (model/prompt_tuning.py).
 
 Inputs follow the official test pipeline (model/transforms.py): BGR, 0-255, normalised, padded
 to a multiple of 32; ``image_sizes`` are the (h, w) before padding (boxes are clipped to them).
@@ -31,6 +32,7 @@ class GLIP(nn.Module):
         self.language = language
         self.head = head
         self.anchor_generator = anchor_generator
+        self.prompt_tuning = None           # model.prompt_tuning.PromptTuning when prompt-tuned (attach)
 
     @property
     def tokenizer(self):
@@ -52,8 +54,9 @@ class GLIP(nn.Module):
             raise ValueError(f"batch mismatch: {images.shape[0]} images, {len(image_sizes)} image sizes, "
                              f"{input_ids.shape[0]} prompts")
         text = self.language(input_ids, attention_mask)      # official order: text, then image
+        hidden = text["hidden"] if self.prompt_tuning is None else self.prompt_tuning(text["hidden"])
         features = self.backbone(images)
-        out = self.head(features, text["hidden"], text["mask"])
+        out = self.head(features, hidden, text["mask"])
         out["anchors"] = self.anchor_generator(features, tuple(images.shape[-2:]))
         out["image_sizes"] = [tuple(int(v) for v in s) for s in image_sizes]
         return out

@@ -36,6 +36,37 @@ def _localise(url: str) -> tuple[Path, str | None]:
     return Path(path), tmp
 
 
+def load_ours(directory: str | Path, overrides: list[str] | None = None) -> GLIP:
+    """A ``save_pretrained`` folder -> a GLIP in eval mode; a prompt-tuned one (its weights
+    carry ``prompt_tuning.weight``) gets its ``PromptTuning`` attached before the strict load."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from core import config as typed_config
+    from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_into
+    from model.config import ModelConfig
+    from model.prompt_tuning import attach, has_prompt
+
+    directory = Path(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        return load_pretrained(directory, overrides)          # its error names the missing file
+    with safe_open(str(weights), framework="pt") as fh:
+        prompted = has_prompt(fh.keys())
+    if not prompted:
+        return load_pretrained(directory, overrides)
+    data = json.loads((directory / CONFIG_NAME).read_text())
+    if overrides:
+        data = typed_config.merge_overrides(data, overrides)
+    net = build_glip(typed_config.from_dict(ModelConfig, data, source=str(directory / CONFIG_NAME)),
+                     load_weights=False)
+    attach(net)
+    load_into(net, load_file(str(weights)), strict=True)
+    return net.eval()
+
+
 def load_glip(checkpoint: str, fmt: CheckpointFormat = CheckpointFormat.AUTO, model: str = "glip_t",
               overrides: list[str] | None = None) -> tuple[GLIP, str]:
     """(model in eval mode, checkpoint sha256). ``model`` names the config of an official
@@ -46,7 +77,7 @@ def load_glip(checkpoint: str, fmt: CheckpointFormat = CheckpointFormat.AUTO, mo
         if fmt is CheckpointFormat.AUTO:
             fmt = CheckpointFormat.OURS if path.is_dir() else CheckpointFormat.OFFICIAL
         if fmt is CheckpointFormat.OURS:
-            net = load_pretrained(path, overrides)
+            net = load_ours(path, overrides)
         else:
             net = build_glip(load_model_config(model, overrides), load_weights=False)
             load_official_into(net, path)

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from model.checkpoint import load_official_into, load_pretrained
+from model.checkpoint import load_official_into
 from model.config import InferenceConfig, load_model_config
 from model.glip import GLIP, build_glip
 from model.postprocess import PostProcessor
@@ -80,8 +80,9 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, overrides: list[str] | None = None, **kwargs) -> "Predictor":
-        """A directory written by ``checkpoint.save_pretrained``."""
-        return cls(load_pretrained(directory, overrides), **kwargs)
+        """A directory written by ``checkpoint.save_pretrained`` (a learnt prompt included)."""
+        from model.load import load_ours
+        return cls(load_ours(directory, overrides), **kwargs)
 
     @classmethod
     def from_official(cls, config: str, checkpoint: str | Path, overrides: list[str] | None = None,

@@ -16,6 +16,7 @@ from core import config as typed_config
 from core.device import Precision
 from model.config import CheckpointFormat
 from trainer.data.config import TrainDataConfig
+from trainer.tuning import Tuning
 
 __all__ = ["InitKind", "Precision", "EvalWeights", "EvalHookConfig", "TrainConfig", "load_train_config",
            "model_config", "public_config", "resume_config", "check_resumable", "RESUME_KEYS"]
@@ -53,6 +54,7 @@ class TrainConfig:
     init: InitKind = InitKind.PRETRAINED_PARTS
     init_checkpoint: str = ""               # init=checkpoint: a folder of ours or an official .pth (path/URL)
     init_checkpoint_format: CheckpointFormat = CheckpointFormat.AUTO
+    tuning: Tuning = Tuning.FULL            # what is trained: full | prompt | linear_probe | head (trainer.tuning)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     batch_size: int = 64                    # global (official IMS_PER_BATCH), split evenly over workers
     max_iter: int = 1000
@@ -122,6 +124,8 @@ def model_config(cfg: TrainConfig):
     overrides = list(cfg.model_overrides)
     if cfg.gradient_checkpointing:
         overrides.append("head.gradient_checkpointing=true")
+    if cfg.tuning is not Tuning.FULL:                  # the official overrides freeze the text encoder
+        overrides.append("language.freeze=true")
     return load_model_config(cfg.model, overrides)
 
 
@@ -138,7 +142,7 @@ def public_config(cfg: TrainConfig) -> dict:
     return redact(typed_config.to_dict(cfg))
 
 
-RESUME_KEYS = ("batch_size", "seed", "data", "model")     # what a resume may not change
+RESUME_KEYS = ("batch_size", "seed", "data", "model", "tuning")     # what a resume may not change
 _NO_EFFECT = ("data.prefetch_batches", "data.max_consecutive_skips")   # may change on a resume
 
 

@@ -55,21 +55,26 @@ CHECKPOINT_VERSION = 1
 
 
 def build_model(cfg: TrainConfig, load_weights: bool = True):
-    """The student as ``init`` says (``load_weights=False``: architecture only, e.g. for a resume)."""
+    """The student as ``init`` says (``load_weights=False``: architecture only, e.g. for a resume),
+    its trainable parameters as ``tuning`` says (``trainer.tuning``)."""
     from model.checkpoint import load_into
     from model.glip import build_glip
+    from model.prompt_tuning import attach
+    from trainer.tuning import apply_tuning
 
     mcfg = model_config(cfg)
     if not load_weights or cfg.init is InitKind.SCRATCH:
-        return build_glip(mcfg, load_weights=False)
+        return apply_tuning(build_glip(mcfg, load_weights=False), cfg.tuning)
     if cfg.init is InitKind.PRETRAINED_PARTS:
-        return build_glip(mcfg, load_weights=True)
+        return apply_tuning(build_glip(mcfg, load_weights=True), cfg.tuning)
     from model.load import load_glip
     source, _ = load_glip(cfg.init_checkpoint, cfg.init_checkpoint_format, model=cfg.model,
                           overrides=cfg.model_overrides)
     model = build_glip(mcfg, load_weights=False)
+    if source.prompt_tuning is not None:                  # a prompt-tuned checkpoint keeps its prompt
+        attach(model)
     load_into(model, source.state_dict(), strict=True)
-    return model
+    return apply_tuning(model, cfg.tuning)
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -82,6 +87,7 @@ class WorkerContext:
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m      # e.g. ray.train.torch.prepare_model
     on_log: Callable[[dict], None] | None = None                    # rank 0: every metrics record
     eval_fn: Callable[[nn.Module, int], dict] | None = None         # rank 0: (model, step) -> metrics
+    stop_fn: Callable[[dict], bool] | None = None                   # rank 0: eval metrics -> stop now (early stopping)
 
 
 def _gather(obj: Any) -> list:
@@ -165,6 +171,7 @@ def fit(cfg: TrainConfig, ctx: WorkerContext | None = None, resume: bool = False
     window_steps, window_images, window_start = 0, 0, time.time()
     last = StepResult(StepStatus.OK)
     last_loss = float("nan")                              # the workers' mean at the last log
+    stopped_early = False
     model.train()
     try:
         while step < cfg.max_iter:
@@ -201,13 +208,16 @@ def fit(cfg: TrainConfig, ctx: WorkerContext | None = None, resume: bool = False
                 window, window_steps, window_images, window_start = {}, 0, 0, time.time()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_iter:
                 _save(store, metrics, model, optimizer, scaler, ema, step, data_state, counters, cfg, ctx)
-            if cfg.eval.every and step % cfg.eval.every == 0:
-                _evaluate(model, ema, cfg, ctx, metrics, step)
+            if cfg.eval.every and step % cfg.eval.every == 0 and _evaluate(model, ema, cfg, ctx, metrics, step):
+                if step % cfg.checkpoint_every:           # the stopping step is where a resume starts
+                    _save(store, metrics, model, optimizer, scaler, ema, step, data_state, counters, cfg, ctx)
+                stopped_early = True
+                break
     finally:
         batches.close()
     data = summarize(_gather(data_state.get("counts", {})))     # collective: every worker's counts
     summary = {"step": step, "output": cfg.output, "loss": last_loss, "counters": counters, "data": data,
-               "checkpoint": store.latest() if lead else None}
+               "checkpoint": store.latest() if lead else None, "stopped_early": stopped_early}
     if lead:
         summary["model"] = _export(model.state_dict(), model, cfg, "model", save_pretrained)
         if ema is not None:
@@ -246,9 +256,11 @@ def _save(store, metrics, model, optimizer, scaler, ema, step, data_state, count
         dist.barrier()
 
 
-def _evaluate(model, ema, cfg, ctx, metrics, step) -> None:
+def _evaluate(model, ema, cfg, ctx, metrics, step) -> bool:
     """Rank 0 runs the hook on the EMA (or the model's) weights; the others wait. The EMA weights
-    are swapped in and out of the model (no deep copy: the data thread is using its tokenizer)."""
+    are swapped in and out of the model (no deep copy: the data thread is using its tokenizer).
+    Returns whether to stop now (rank 0's ``stop_fn``, told to every worker)."""
+    stop = False
     if ctx.rank == 0:
         backup = None
         if ema is not None and cfg.eval.weights is EvalWeights.EMA:
@@ -266,8 +278,8 @@ def _evaluate(model, ema, cfg, ctx, metrics, step) -> None:
         metrics.sync()
         if ctx.on_log is not None:
             ctx.on_log(record)
-    if _distributed():
-        dist.barrier()
+        stop = bool(ctx.stop_fn is not None and ctx.stop_fn(result))
+    return bool(_gather(stop)[0])
 
 
 def _export(state: dict, model, cfg: TrainConfig, name: str, save_pretrained) -> str:

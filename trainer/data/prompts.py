@@ -12,6 +12,8 @@ drawn from a ``numpy.random.Generator`` so a seed fixes every choice:
   them are discarded; the rest are shuffled and kept while the remaining token budget stays
   positive. Positives and negatives are shuffled together and joined by ``". "`` with no
   trailing separator; each box's ``tokens_positive`` is its class name's character span.
+  With ``sampling: fixed`` the prompt is instead every class of the vocabulary in its order,
+  nothing shuffled or drawn: the prompt ``pipeline eval`` builds (what prompt tuning learns on).
 - ``pack_negative_captions``: other images' captions are packed around a caption (official
   ``pack_caption``): none with ``no_random_pack_probability``, else ``pack_random_caption_number``
   with ``random_pack_prob``, else uniform in ``[0, number)``; each kept only while the total
@@ -33,6 +35,7 @@ identical negative caption is never mistaken for the positive one.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 import weakref
@@ -45,7 +48,7 @@ from model.prompts import SEPARATOR, build_prompt, clean_name
 from stages.readers.common import sample_key
 from stages.schema import Phrase, Sample
 
-__all__ = ["DetectionPromptConfig", "CaptionPackingConfig", "NegativeMode", "sample_num_negatives",
+__all__ = ["PromptSampling", "DetectionPromptConfig", "CaptionPackingConfig", "NegativeMode", "sample_num_negatives",
            "detection_to_grounding", "pack_count", "pack_negative_captions", "screen_pseudo_labels"]
 
 SPECIAL_TOKENS = 2   # [CLS] and [SEP]
@@ -53,8 +56,14 @@ SPECIAL_TOKENS = 2   # [CLS] and [SEP]
 _clean = functools.lru_cache(maxsize=1 << 16)(clean_name)     # a vocabulary's names recur every image
 
 
+class PromptSampling(str, enum.Enum):
+    SAMPLED = "sampled"   # official: shuffled positives + sampled negatives
+    FIXED = "fixed"       # every class in the vocabulary's order: the evaluation prompt (prompt tuning)
+
+
 @dataclass
 class DetectionPromptConfig:
+    sampling: PromptSampling = PromptSampling.SAMPLED
     max_negatives: int = 85                                 # DATASETS.RANDOM_SAMPLE_NEG
     # DATASETS.CONTROL_PROB: (one negative, one positive, full, drop positive); the last must be 0.
     control_prob: tuple[float, float, float, float] = (0.0, 0.0, 0.5, 0.0)
@@ -96,6 +105,7 @@ class NegativeMode:
     ONE_POSITIVE = "one_positive"
     FULL = "full"
     RANDOM = "random"
+    FIXED = "fixed"            # sampling: fixed (no negatives drawn)
 
 
 def sample_num_negatives(rng: np.random.Generator, control_prob: Sequence[float],
@@ -182,6 +192,8 @@ def detection_to_grounding(sample_or_record: Any, category_names: Mapping[Any, s
     if unknown:
         raise ValueError(f"sample {base.key!r}: category ids {unknown} are not in category_names")
     budget = cfg.max_tokens - SPECIAL_TOKENS
+    if cfg.sampling is PromptSampling.FIXED:
+        return _fixed_prompt(base, boxes, labels, category_names, tokenizer, budget, cfg)
 
     # Positives: shuffled, kept while they fit (official check_for_positive_overflow).
     positives = list(dict.fromkeys(labels))
@@ -226,6 +238,25 @@ def detection_to_grounding(sample_or_record: Any, category_names: Mapping[Any, s
         phrases=[Phrase(prompt.caption[s:e], (s, e)) for (s, e) in (span_of[c] for c in order)],
         boxes=[list(boxes[i]) for i in keep],
         tokens_positive=[[list(span_of[labels[i]])] for i in keep], scores=[])
+
+
+def _fixed_prompt(base: Sample, boxes, labels, category_names: Mapping[Any, str], tokenizer, budget: int,
+                  cfg: DetectionPromptConfig) -> Sample:
+    """``sampling: fixed``: the whole vocabulary in its order; it must fit the token budget."""
+    order = list(category_names)
+    used = sum(name_lengths(tokenizer, [_clean(category_names[c]) + ". " for c in order]))
+    if used > budget:
+        raise ValueError(f"the fixed prompt of {len(order)} class names takes {used} tokens, more than the "
+                         f"{budget} the text encoder takes; use sampling: sampled, or fewer/shorter names")
+    prompt = build_prompt([category_names[c] for c in order], cfg.separator, order)
+    span_of = {cid: tuple(spans[0]) for cid, spans in zip(order, prompt.tokens_positive)}
+    meta = dict(base.meta)
+    meta.update(category_ids=list(labels), prompt_category_ids=order, negative_mode=NegativeMode.FIXED,
+                num_negatives_drawn=0, overflow_category_ids=[])
+    return dataclasses.replace(
+        base, caption=prompt.caption, meta=meta,
+        phrases=[Phrase(prompt.caption[s:e], (s, e)) for (s, e) in (span_of[c] for c in order)],
+        boxes=[list(b) for b in boxes], tokens_positive=[[list(span_of[c])] for c in labels], scores=[])
 
 
 def pack_count(rng: np.random.Generator, cfg: CaptionPackingConfig) -> int:
