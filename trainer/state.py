@@ -4,7 +4,9 @@ Layout under the run's output (a local folder or an fsspec URL, e.g. ``s3://buck
 
     OUTPUT/checkpoints/step_00001000.pt    model, optimizer, step, scaler, EMA, data position, RNG
     OUTPUT/checkpoints/checkpoint_latest   JSON pointer: {"checkpoint", "step", "world_size", ...}
-    OUTPUT/metrics.jsonl                   one JSON object per logged step (and per evaluation)
+    OUTPUT/metrics.jsonl                   one JSON object per logged step (and per evaluation); each
+                                           step's ``data`` holds the per-source sample accounting
+                                           (``trainer.data.accounting``: read, used, skipped, boxes)
     OUTPUT/tensorboard/                    the same scalars as TensorBoard events
     OUTPUT/train_config.json               the run's config (storage_options redacted)
     OUTPUT/train_summary.json              written at the end: final step, loss, exported models
