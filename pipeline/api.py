@@ -49,6 +49,14 @@ def demo(overrides: list[str] | None = None, n_shards: int = 4, samples_per_shar
     return summary, stats(cfg.output.path)
 
 
+def finetune(config: str | os.PathLike | None, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    """Fine-tune a released GLIP on a COCO-format data set (``pipeline.finetune``); returns the
+    summary (zero-shot AP, every evaluation, the best model); ``format_finetune`` prints it."""
+    from pipeline.finetune import finetune as _finetune, load_finetune_config
+
+    return _finetune(load_finetune_config(str(config) if config else None, overrides), resume=resume)
+
+
 def world(config: str | os.PathLike | None, out: str | os.PathLike, overrides: list[str] | None = None):
     """Build the miniature world of ``config`` (configs/world/*.yaml) in ``out``, replacing a
     world there; returns its ``synth.world.WorldManifest``."""

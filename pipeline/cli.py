@@ -8,6 +8,7 @@
     pipeline show OUTPUT [--out DIR] [-n 24]  an HTML gallery of pseudo-labelled samples
     pipeline export OUTPUT --format odvg|mdetr --out DIR   for other grounding trainers
     pipeline train CONFIG [key=value ...] [--resume]   the student trainer (Ray Train)
+    pipeline finetune CONFIG [key=value ...] [--resume]   a released GLIP on your COCO data
     pipeline world CONFIG OUT [key=value ...]   build the miniature world (configs/world/*.yaml)
 """
 from __future__ import annotations
@@ -101,6 +102,14 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         print(f"pipeline train: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     print(format_train_summary(summary))
+    return 0
+
+
+def _cmd_finetune(ns: argparse.Namespace) -> int:
+    from pipeline import api
+    from pipeline.finetune import format_finetune
+    config, overrides = _split_config(ns.args)
+    print(format_finetune(api.finetune(config, overrides, resume=ns.resume)))
     return 0
 
 
@@ -202,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUTPUT from its newest checkpoint (same step, lr and data position)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune or prompt-tune a GLIP on a COCO-format data set, evaluated as it goes",
+                       description="Zero-shot AP of init_checkpoint on data.val, then training with tuning=full|prompt|"
+                       "linear_probe|head, AP on data.val every eval_every steps, the best model kept in OUTPUT/best, "
+                       "early stopping after `patience` evaluations without a better AP, and the table at the end. "
+                       "E.g. pipeline finetune configs/finetune/coco.yaml init_checkpoint=glip_tiny.pth model=glip_t "
+                       "data.train.annotations=train.json data.train.image_root=images/ data.val.annotations=val.json "
+                       "data.val.image_root=images/ output=out/ft shots=5.")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from its newest checkpoint")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("world", help="build the seeded miniature world (detection, grounding, web shards, held-out set)",
                        description="Builds the world of CONFIG (configs/world/*.yaml) in OUT, replacing a world "
