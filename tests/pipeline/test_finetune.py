@@ -155,6 +155,40 @@ def test_early_stopping_ends_the_run_and_a_resume_does_not_train_again(data, bas
     again = finetune(cfg, resume=True)
     assert again["stopped_at"] == 6 and [e["step"] for e in again["evals"]] == [2, 4, 6]
     assert next(scripted) == 0.9                                   # nothing was evaluated again
+    # tuning=linear_probe changed the head's predictors and nothing else
+    from trainer.tuning import LINEAR_PROBE
+    before = load_file(str(Path(base) / "model.safetensors"))
+    after = load_file(str(tmp_path / "train" / "model" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(LINEAR_PROBE) for k in changed), sorted(changed)
+
+
+def test_a_resume_continues_the_run_and_its_evaluations(data, base, tmp_path, monkeypatch):
+    import pipeline.finetune as ft
+
+    scripted = iter([0.1, 0.2, 0.3])
+    monkeypatch.setattr(ft, "evaluate_model", lambda *a, **k: {"AP": next(scripted)})
+    common = ["eval_every=2", "tuning=head", "lr_multipliers={}"]
+    first = finetune(config(base, tmp_path, *data, "max_iter=2", *common))
+    assert [e["step"] for e in first["evals"]] == [2]
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        finetune(config(base, tmp_path, *data, "max_iter=4", *common))
+    second = finetune(config(base, tmp_path, *data, "max_iter=4", *common), resume=True)
+    assert [(e["step"], e["AP"], e["best"]) for e in second["evals"]] == [(2, 0.2, True), (4, 0.3, True)]
+    assert second["zero_shot"] == {"AP": 0.1}                       # measured once, kept
+    assert json.loads((tmp_path / "train" / "train_summary.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tuning=prompt", "prompt=sampled"], "tuning=prompt learns one tensor per prompt position"),
+    (["tuning=linear_probe", "lr_multipliers={head.scales: 10}"],
+     r"lr_multipliers \['head.scales'\]: tuning=linear_probe does not train these tensors"),
+    (["patience=2", "eval_every=0"], "patience needs evaluations"),
+])
+def test_config_mistakes_stop_before_any_work(data, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        finetune(config(tmp_path / "none", tmp_path / "out", *data, *overrides))
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------ label map
