@@ -112,6 +112,15 @@ class TrainConfig:
             raise ValueError(f"max_empty_fraction must be in [0, 1], got {self.max_empty_fraction}")
         if self.keep_checkpoints < 0:
             raise ValueError("keep_checkpoints must be >= 0 (0 keeps all)")
+        if self.tuning is Tuning.PROMPT:
+            from trainer.data.config import SourceKind
+            from trainer.data.prompts import PromptSampling
+            loose = [n for n, s in self.data.sources.items()
+                     if s.kind is not SourceKind.COCO or s.prompt.sampling is not PromptSampling.FIXED]
+            if loose:
+                raise ValueError(f"tuning=prompt learns one tensor per prompt position, so every source must be "
+                                 f"coco with the fixed prompt; data.sources {loose}: set "
+                                 f"data.sources.NAME.prompt.sampling=fixed (or use pipeline finetune)")
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None, cls: type = TrainConfig):

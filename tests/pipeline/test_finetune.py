@@ -106,8 +106,8 @@ def test_prompt_tuning_learns_new_names_and_changes_only_the_prompt(full_run, da
     overrides = [f"data.train.annotations={_renamed(train, tmp_path / 'train', names)}",
                  f"data.val.annotations={_renamed(val, tmp_path / 'val', names)}"]
     init = Path(full_run["best_model"])
-    result = finetune(config(init, tmp_path / "out", train, val, "tuning=prompt", "lr=0.05", "lr_multipliers={}", "max_iter=40",
-                             "eval_every=20", *overrides))
+    result = finetune(config(init, tmp_path / "out", train, val, "tuning=prompt", "lr=0.05", "lr_multipliers={}",
+                             "max_iter=40", "eval_every=20", *overrides))
     print(format_finetune(result))
     # measured (2-core CPU): zero-shot 3.7, step 20 10.1, step 40 13.2 AP x100
     assert result["best"]["AP"] >= result["zero_shot"]["AP"] + 0.02, format_finetune(result)

@@ -95,3 +95,17 @@ def test_the_fixed_prompt_is_the_evaluation_prompt(tiny):
     assert out.caption == expected.caption == "red square. blue circle. green triangle"
     assert [out.caption[s:e] for [[s, e]] in out.tokens_positive] == ["green triangle", "red square"]
     assert out.meta["prompt_category_ids"] == [3, 1, 2]
+
+
+def test_prompt_tuning_refuses_sampled_prompts():
+    from trainer.data.config import SourceKind, TrainDataConfig, TrainSourceConfig
+    from trainer.data.prompts import DetectionPromptConfig, PromptSampling
+
+    def cfg(sampling):
+        source = TrainSourceConfig(kind=SourceKind.COCO, annotations="a.json", image_root="img",
+                                   prompt=DetectionPromptConfig(sampling=sampling))
+        return TrainConfig(tuning=Tuning.PROMPT, output="out", data=TrainDataConfig(sources={"det": source}))
+
+    with pytest.raises(ValueError, match=r"data.sources \['det'\]: set data.sources.NAME.prompt.sampling=fixed"):
+        cfg(PromptSampling.SAMPLED).validate()
+    cfg(PromptSampling.FIXED).validate()
