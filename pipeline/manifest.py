@@ -97,7 +97,8 @@ class RunningStats:
         from stages.write import merge_stats
 
         merged = merge_stats(([self.part] if self.part else []) + self.buffer)
-        merged.update(shards=self.shards, labelers=self.labelers, read_errors=self.read_errors)
+        merged.update(shards=self.shards, labelers=self.labelers, read_errors=self.read_errors,
+                      labeler=self.labelers[0] if len(self.labelers) == 1 else None)
         return merged
 
     def state(self) -> dict[str, Any]:

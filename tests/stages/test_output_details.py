@@ -43,3 +43,15 @@ def test_save_pretrained_writes_weights_with_the_usual_mode(tiny_teacher):
     weights = os.stat(tiny_teacher / "model.safetensors").st_mode
     config = os.stat(tiny_teacher / "config.json").st_mode
     assert stat.S_IMODE(weights) == stat.S_IMODE(config)
+
+
+def test_the_runs_stats_json_names_the_labeler_after_folding():
+    from pipeline.manifest import RunningStats
+    labeler = {"model": "tiny", "checkpoint_sha256": "b" * 64}
+    running = RunningStats(chunk=2)
+    for shard in ("00000", "00001", "00002", "00003"):       # two folds, nothing left in the buffer
+        s = Sample(key=f"k{shard}", input_shard=shard, caption="a dog")
+        s.drop(DropReason.NO_PHRASES, "none")
+        running.add(shard_stats([s], shard=shard, duration_s=1.0, labeler=labeler))
+    assert running.result()["labeler"] == labeler
+    assert RunningStats(running.state()).result()["labeler"] == labeler     # after a resume too
