@@ -233,13 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_USER_ERRORS = (("stages.readers.common", "DatasetFormatError"), ("model.checkpoint", "CheckpointError"),
+                ("trainer.data.accounting", "MissingImagesError"), ("evaluation.grounding", "EvaluationInputError"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user fixes (config, data, checkpoint, storage): one line and exit 2, no traceback."""
-    from evaluation.grounding import EvaluationInputError
-    from model.checkpoint import CheckpointError
-    from stages.readers.common import DatasetFormatError
-    from trainer.data.accounting import MissingImagesError
-    return ConfigError, StorageError, DatasetFormatError, CheckpointError, MissingImagesError, EvaluationInputError
+    """Errors a user fixes (config, data, checkpoint, storage): one line and exit 2, no traceback.
+    A class can only have been raised if its module was imported, so only those are looked up
+    (a config error does not import torch to be printed)."""
+    found = [getattr(sys.modules[m], name) for m, name in _USER_ERRORS if m in sys.modules]
+    return (ConfigError, StorageError, *found)
 
 
 def _one_line(exc: BaseException) -> str:
