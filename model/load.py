@@ -47,7 +47,7 @@ def load_ours(directory: str | Path, overrides: list[str] | None = None) -> GLIP
     from core import config as typed_config
     from model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_into
     from model.config import ModelConfig
-    from model.prompt_tuning import attach, has_prompt
+    from model.prompt_tuning import attach, has_prompt, read_names
 
     directory = Path(directory)
     weights = directory / WEIGHTS_NAME
@@ -62,7 +62,7 @@ def load_ours(directory: str | Path, overrides: list[str] | None = None) -> GLIP
         data = typed_config.merge_overrides(data, overrides)
     net = build_glip(typed_config.from_dict(ModelConfig, data, source=str(directory / CONFIG_NAME)),
                      load_weights=False)
-    attach(net)
+    attach(net).names = read_names(directory)
     load_into(net, load_file(str(weights)), strict=True)
     return net.eval()
 

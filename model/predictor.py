@@ -115,6 +115,11 @@ class Predictor:
         """images (PIL / HxWx3 uint8 RGB arrays / paths / bytes) + class names -> one
         ``Detections`` per image; ``labels`` index ``class_names``."""
         images, class_names = list(images), list(class_names)
+        learnt = getattr(self.model, "prompt_tuning", None)
+        if learnt is not None and learnt.names is not None and class_names != learnt.names:
+            from core.config import ConfigError          # one line from the CLI: the user picks the classes
+            raise ConfigError(f"this model's learnt prompt belongs to the classes {learnt.names} (in that order); "
+                              f"detect exactly those, not {class_names}, or use a model without a learnt prompt")
         if not class_names:
             return [_empty() for _ in images]
         chunks = build_chunked_prompts(class_names, self.inference.chunk_size)

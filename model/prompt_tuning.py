@@ -11,15 +11,23 @@ tensor is part of the model's state dict (``prompt_tuning.weight``), so ``save_p
 stores it in ``model.safetensors`` next to the other weights and ``model.load.load_glip``
 re-attaches it when a checkpoint carries it: ``pipeline eval`` / ``predict`` use it.
 At zero (its initial value) the model's outputs are exactly those without it.
+
+The class names it was learnt for (in their order) travel next to the weights as
+``prompt_names.json`` (``save_names``); a model loaded with them refuses to detect other classes
+(``Predictor.detect``), since position t of the tensor would then meet another token.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["PromptTuning", "WEIGHT_KEY", "attach", "has_prompt"]
+__all__ = ["PromptTuning", "WEIGHT_KEY", "NAMES_FILE", "attach", "has_prompt", "save_names", "read_names"]
 
 WEIGHT_KEY = "prompt_tuning.weight"
+NAMES_FILE = "prompt_names.json"
 
 
 class PromptTuning(nn.Module):
@@ -28,6 +36,7 @@ class PromptTuning(nn.Module):
     def __init__(self, max_tokens: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(max_tokens, dim))
+        self.names: list[str] | None = None      # the classes (in order) of the prompt it was learnt on
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         tokens = hidden.shape[1]
@@ -48,3 +57,13 @@ def attach(model: nn.Module) -> PromptTuning:
 def has_prompt(state_dict_keys) -> bool:
     """Whether a state dict (its keys) carries a learnt prompt."""
     return WEIGHT_KEY in set(state_dict_keys)
+
+
+def save_names(directory: str | Path, names: list[str]) -> None:
+    """Record the class names a checkpoint's learnt prompt belongs to (next to its weights)."""
+    (Path(directory) / NAMES_FILE).write_text(json.dumps(list(names)) + "\n")
+
+
+def read_names(directory: str | Path) -> list[str] | None:
+    path = Path(directory) / NAMES_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -15,7 +15,7 @@ OUTPUT (a local folder) holds ``data/`` (the prepared files, ``label_map.json``)
 ``zero_shot.json``, ``train/`` (the trainer's run: checkpoints, metrics.jsonl, ``model``),
 ``evals.json`` (every evaluation, the best, whether it stopped early), ``best/`` (the best
 model, ``save_pretrained`` format: ``pipeline eval`` / ``predict`` load it, a learnt prompt
-included) and ``summary.json``. ``--resume`` continues from the newest checkpoint (checkpoints
+included, with ``prompt_names.json``: the classes it was learnt for) and ``summary.json``. ``--resume`` continues from the newest checkpoint (checkpoints
 are written at every evaluation); a run that stopped early is not trained again.
 """
 from __future__ import annotations
@@ -198,6 +198,7 @@ class EvalTracker:
 
     def __call__(self, model, step: int) -> dict:
         from model.checkpoint import save_pretrained
+        from model.prompt_tuning import save_names
 
         metrics = evaluate_model(model, self.cfg, self.val_json, self.device)
         ap = metrics.get("AP") or 0.0
@@ -206,7 +207,8 @@ class EvalTracker:
             tmp = self.out / ".best.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             save_pretrained(model, tmp)
-            (tmp / "categories.json").write_text(json.dumps(self.categories) + "\n")
+            if model.prompt_tuning is not None:
+                save_names(tmp, self.categories)
             shutil.rmtree(self.out / "best", ignore_errors=True)
             tmp.rename(self.out / "best")
             self.best = record
@@ -293,6 +295,11 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, echo: Callable[[str], No
                                                stop_fn=tracker.should_stop), resume=resume)
         finally:
             progress.close()
+        if cfg.tuning is Tuning.PROMPT:                 # the exported models' prompt belongs to these names
+            from model.prompt_tuning import save_names
+            for key in ("model", "model_ema"):
+                if summary.get(key):
+                    save_names(summary[key], data.names)
     result = {"output": cfg.output, "tuning": cfg.tuning.value, "shots": cfg.shots,
               "train_images": data.train_images, "val_images": data.val_images, "categories": data.names,
               "zero_shot": zero_shot, "evals": tracker.evals, "best": tracker.best,

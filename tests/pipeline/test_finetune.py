@@ -118,6 +118,8 @@ def test_prompt_tuning_learns_new_names_and_changes_only_the_prompt(full_run, da
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == [], changed
     assert after["prompt_tuning.weight"].abs().sum() > 0
+    learnt = json.loads((Path(result["best_model"]) / "prompt_names.json").read_text())
+    assert learnt == [names[n] for n in VOCABULARY]
 
 
 def test_shots_pick_the_same_images_on_every_run(data, tmp_path):

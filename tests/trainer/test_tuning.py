@@ -71,6 +71,7 @@ def test_a_learnt_prompt_goes_through_a_checkpoint_to_eval_and_predict(tiny, tmp
     from model.checkpoint import save_pretrained
     from model.load import load_glip
     from model.predictor import Predictor
+    from model.prompt_tuning import save_names
 
     model = apply_tuning(_fresh(tiny), Tuning.PROMPT)
     with torch.no_grad():
@@ -80,6 +81,13 @@ def test_a_learnt_prompt_goes_through_a_checkpoint_to_eval_and_predict(tiny, tmp
     assert torch.equal(loaded.prompt_tuning.weight, model.prompt_tuning.weight)
     predictor = Predictor.from_pretrained(tmp_path / "m")
     assert torch.equal(predictor.model.prompt_tuning.weight, model.prompt_tuning.weight)
+    # the classes it was learnt for go with it; detecting other classes is refused
+    save_names(tmp_path / "m", ["red square", "blue circle"])
+    predictor = Predictor.from_pretrained(tmp_path / "m")
+    assert predictor.model.prompt_tuning.names == ["red square", "blue circle"]
+    with pytest.raises(ValueError, match=r"learnt prompt belongs to the classes \['red square', 'blue circle'\]"):
+        predictor.detect([], ["blue circle", "red square"])
+    assert predictor.detect([], ["red square", "blue circle"]) == []
 
 
 def test_the_fixed_prompt_is_the_evaluation_prompt(tiny):
