@@ -57,3 +57,22 @@ def test_the_truths_own_boxes_are_all_correct(tmp_path):
     q = pseudo_label_quality(records, truth, rare)
     for group in ("rare", "common"):
         assert q[group]["precision"] == 1.0 and q[group]["recall"] == 1.0, q
+
+
+def test_precision_by_score_and_the_bar_read_from_it():
+    from synth.truth import score_bar_for_precision
+    right, wrong = [[10, 10, 29, 29]], [[60, 60, 70, 70]]
+    records = [Sample(key="a", input_shard="00000", boxes=(right if s > 0.5 else wrong) * 1,
+                      tokens_positive=[[[0, 6]]], scores=[s]) for s in (0.32, 0.42, 0.62, 0.72)]
+    q = pseudo_label_quality(records, TRUTH, rare={"moon"}, bars=(0.3, 0.4, 0.5, 0.6, 0.7))
+    above = {row["bar"]: row["above"]["rare"] for row in q["by_score"]}
+    assert [above[b]["boxes"] for b in (0.3, 0.4, 0.5, 0.6, 0.7)] == [4, 3, 2, 2, 1]
+    assert above[0.3]["precision"] == 0.5 and above[0.4]["precision"] == 2 / 3 and above[0.5]["precision"] == 1.0
+    assert above[0.5]["recall"] == 2.0          # four boxes for the one mentioned moon: the definition's count
+    inside = {row["bar"]: row["bin"]["rare"]["boxes"] for row in q["by_score"]}
+    assert inside == {0.3: 1, 0.4: 1, 0.5: 0, 0.6: 1, 0.7: 1}
+    assert score_bar_for_precision(q, 0.6, min_boxes=1)[0] == 0.4
+    assert score_bar_for_precision(q, 0.9, min_boxes=1)[0] == 0.5
+    assert score_bar_for_precision(q, 0.9, min_boxes=1, floor=0.55)[0] == 0.6
+    bar, why = score_bar_for_precision(q, 0.9, min_boxes=3)
+    assert bar is None and "66.7 % above 0.4" in why
