@@ -37,11 +37,21 @@ from model.config import CheckpointFormat
 from model.transforms import ResizeAt
 from stages.base import BaseStage, Resources
 from stages.schema import DropReason, Sample
+from stages.teacher_precision import PrecisionPolicy
 
 
 class TextPadding(str, enum.Enum):
     LONGEST = "longest"   # prompts padded to the batch's longest (same labels, fewer FLOPs)
     MAX = "max"           # padded to language.max_query_len (the official PAD_MAX)
+
+
+class PhraseAssignment(str, enum.Enum):
+    """How a caption's phrases get their boxes."""
+    BEST = "best"              # each phrase its own best boxes (max_boxes_per_phrase), independently
+    # one object per phrase and one phrase per object: the assignment of the highest total score
+    # (the "educated guess": a phrase the teacher barely knows goes to the object that the phrases
+    # it knows do not explain, not onto theirs); implies one box per phrase
+    EXCLUSIVE = "exclusive"
 
 
 class Compile(str, enum.Enum):
@@ -62,9 +72,12 @@ class PseudoLabelConfig:
     nms_threshold: float | None = 0.6       # class-agnostic NMS across phrases; null disables
     max_boxes: int = 32                     # per image, best first
     max_boxes_per_phrase: int = 0           # best first; 0 = no limit (a caption's "a red circle" is one object)
+    assignment: PhraseAssignment = PhraseAssignment.BEST
     batch_size: int = 8
     device: Device = Device.AUTO            # auto = cuda when available, else cpu
     precision: Precision = Precision.AUTO   # auto = bf16 autocast on CUDA, fp32 on CPU
+    # the modules kept in fp32 when precision is bf16/fp16 (benchmarks/precision.py measured them)
+    precision_policy: PrecisionPolicy = PrecisionPolicy.FP32_HEAD
     # The CPU side (decode, EXIF, tokenisation): threads; 0 = the CPUs this process may use.
     cpu_workers: int = 0
     prefetch: int = 2                       # batches ready ahead of the device (>= 2)
@@ -110,11 +123,55 @@ def top_per_label(scores: list[float], labels: list[int], k: int) -> list[int]:
     return keep
 
 
+def exclusive_assignment(boxes, scores: list[float], labels: list[int], iou_threshold: float) -> list[int]:
+    """Indices of the candidates (``boxes`` [K, 4] xyxy tensor, their ``scores`` and phrase
+    ``labels``) that give each phrase at most one object and each object at most one phrase, with
+    the highest total score; best first. An object is a cluster of class-agnostic NMS at
+    ``iou_threshold`` (its kept box and the candidates it suppresses, any phrase); a phrase's
+    candidate there is its best-scoring one in the cluster. Exact (dynamic programme over the
+    objects and the subsets of phrases)."""
+    import torch
+    from torchvision.ops import box_iou, nms
+
+    if not len(scores):
+        return []
+    grown = boxes.clone().float()
+    grown[:, 2:] += 1
+    keepers = nms(grown, torch.tensor(scores, dtype=torch.float32), iou_threshold).tolist()
+    iou = box_iou(grown, grown[keepers])                          # [K, objects]
+    best: dict[tuple[int, int], int] = {}                         # (object, phrase) -> candidate
+    for i, (score, label) in enumerate(zip(scores, labels)):
+        j = int(iou[i].argmax())
+        if iou[i, j] < iou_threshold and i not in keepers:
+            continue
+        if (j, label) not in best or score > scores[best[j, label]]:
+            best[j, label] = i
+    phrases = sorted(set(labels))
+    bit = {p: 1 << k for k, p in enumerate(phrases)}
+    states: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}    # phrase mask -> (total, picks)
+    for j in range(len(keepers)):
+        options = [(p, i) for (jj, p), i in best.items() if jj == j]
+        nxt = dict(states)
+        for mask, (total, picks) in states.items():
+            for p, i in options:
+                if mask & bit[p]:
+                    continue
+                cand = (total + scores[i], picks + (i,))
+                if cand[0] > nxt.get(mask | bit[p], (-1.0,))[0]:
+                    nxt[mask | bit[p]] = cand
+        states = nxt
+    picks = max(states.values(), key=lambda v: v[0])[1]
+    return sorted(picks, key=lambda i: -scores[i])
+
+
 class PseudoLabel(BaseStage):
     name = "pseudo_label"
 
-    def __init__(self, config: PseudoLabelConfig) -> None:
+    def __init__(self, config: PseudoLabelConfig, model=None) -> None:
+        """``model``: a built GLIP to label with instead of loading ``config.checkpoint``
+        (benchmarks; its labeler records no checkpoint hash)."""
         super().__init__(config)
+        self._model = model
         self.predictor = None
         self.labeler: dict[str, Any] | None = None
         self.stats: dict[str, Any] = {}
@@ -128,15 +185,21 @@ class PseudoLabel(BaseStage):
         from model.load import load_glip
         from model.postprocess import PostProcessor
         from model.predictor import Predictor
+        from stages.teacher_precision import apply_policy
 
         cfg = self.config
-        cfg.validate()
-        model, checkpoint_sha = load_glip(cfg.checkpoint, cfg.checkpoint_format, cfg.model,
-                                          cfg.model_overrides)
+        if self._model is not None:
+            model, checkpoint_sha = self._model, None
+        else:
+            cfg.validate()
+            model, checkpoint_sha = load_glip(cfg.checkpoint, cfg.checkpoint_format, cfg.model,
+                                              cfg.model_overrides)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.predictor = Predictor(model, device=self.device, batch_size=cfg.batch_size)
         self.model = self.predictor.model
+        if self.precision is not Precision.FP32:
+            apply_policy(self.model, cfg.precision_policy)
         if cfg.channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
         self.forward = self.model
@@ -152,6 +215,7 @@ class PseudoLabel(BaseStage):
             "min_score": cfg.min_score,
             "nms_threshold": cfg.nms_threshold,
             "max_boxes_per_phrase": cfg.max_boxes_per_phrase,
+            "assignment": cfg.assignment.value,
         }
         self._oom_rows: int | None = None    # rows per forward after a CUDA out-of-memory error
         self.stats = {"images": 0, "batches": 0, "padded_fraction": 0.0, "oom_retries": 0,
@@ -192,22 +256,30 @@ class PseudoLabel(BaseStage):
 
         cfg = self.config
         boxes, scores, labels = det.boxes.float(), det.scores.float(), det.labels
-        if boxes.numel() and cfg.nms_threshold is not None:
+        if boxes.numel() and cfg.nms_threshold is not None and cfg.assignment is PhraseAssignment.BEST:
             # legacy +1 IoU as everywhere in GLIP: NMS on boxes grown by one pixel
             grown = boxes.clone()
             grown[:, 2:] += 1
             keep = nms(grown, scores, cfg.nms_threshold)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         boxes, scores, labels = boxes.cpu(), scores.cpu(), labels.cpu()
+        exclusive = cfg.assignment is PhraseAssignment.EXCLUSIVE
         # clip to the image (legacy convention: the last pixel is W-1) and drop boxes that are
         # less than a pixel wide or high after clipping (useless as targets, readers drop them)
         w, h = sample.width, sample.height
         candidates, best = len(scores), (float(scores.max()) if scores.numel() else None)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w - 1)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h - 1)
-        keep = (scores >= cfg.min_score) & (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        # exclusive: every candidate takes part in the assignment (a phrase's right box may score
+        # below min_score and still free the object its wrong one would take); min_score after
+        keep = ((scores >= cfg.min_score) | exclusive) & (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        if cfg.max_boxes_per_phrase:
+        if exclusive:
+            top = exclusive_assignment(boxes, scores.tolist(), labels.tolist(),
+                                       0.5 if cfg.nms_threshold is None else cfg.nms_threshold)
+            top = [i for i in top if scores[i] >= cfg.min_score]
+            boxes, scores, labels = boxes[top], scores[top], labels[top]
+        elif cfg.max_boxes_per_phrase:
             top = top_per_label(scores.tolist(), labels.tolist(), cfg.max_boxes_per_phrase)
             boxes, scores, labels = boxes[top], scores[top], labels[top]
         boxes, scores, labels = boxes[: cfg.max_boxes], scores[: cfg.max_boxes], labels[: cfg.max_boxes]
