@@ -1,0 +1,276 @@
+"""The data DAG's bookkeeping at scale: many tiny shards through a trivial stage.
+
+    .venv/bin/python benchmarks/scale.py [--shards 100000] [--work /tmp/scale] [--in-flight 16]
+    .venv/bin/python benchmarks/scale.py --s3 --shards 2000      # against a loopback S3 (moto)
+    .venv/bin/python benchmarks/scale.py --resume-only --shards 100000
+
+Each input shard holds one 32x32 JPEG with a caption; the DAG is ``stages: {ingest: {}}`` (ingest
+runs inside the read task), so a shard costs a read task and a write task and the run measures
+the orchestration and the commit bookkeeping, not a model. Printed:
+
+- per-commit driver overhead (result fetched -> committed in memory) over the first and the last
+  1,000 commits, and their ratio (flat bookkeeping: <= 1.2);
+- the old way, side by side: rewriting the whole manifest per commit (json of every record, as
+  the driver did before records and compaction) at the size of the first and of the last commit;
+- peak driver RSS (this process; Ray's workers are other processes) and RSS after the first and
+  the last 1,000 commits;
+- resume start-up with every shard committed (listing the inputs, listing the output, reading
+  the manifest), and with the records of the last 1,000 shards newer than the manifest.
+
+``--resume-only`` skips the run: one shard is committed for real (``write_shard``) and its three
+files are copied under every other shard's name (its record rewritten with that name), the
+manifest compacted from those records, so that resume start-up can be timed at a count whose
+full run would take too long here. Start-up only reads names, the manifest and records, so how
+the files were made does not change what it does.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import io
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _shard_bytes() -> bytes:
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(image, format="JPEG", quality=80)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("000000000.jpg", image.getvalue()), ("000000000.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RssAtCommits(threading.Thread):
+    """Samples the driver's RSS with the number of commit records written so far."""
+
+    def __init__(self, count) -> None:
+        super().__init__(daemon=True)
+        self.count, self.samples, self.stop = count, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append((self.count(), _rss_mb()))
+            self.stop.wait(2.0)
+
+
+def _old_style_save_ms(records: dict, n: int, folder: Path, repeats: int = 3) -> float:
+    """What every commit cost before: the whole manifest (n records) as indented JSON, written."""
+    from core.storage import Folder
+
+    subset = dict(list(records.items())[:n])
+    out = Folder(str(folder))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out.write_json("_old_manifest.json", {"shards": dict(sorted(subset.items())),
+                                               "totals": {"read": sum(r["read"] for r in subset.values())}})
+        times.append((time.perf_counter() - t) * 1000)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", type=int, default=100_000)
+    ap.add_argument("--work", default="/tmp/scale")
+    ap.add_argument("--in-flight", type=int, default=16)
+    ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    ap.add_argument("--s3", action="store_true", help="input and output on a loopback S3 server (moto)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--resume-only", action="store_true", help="time resume start-up only (see above)")
+    args = ap.parse_args()
+
+    import ray
+
+    from pipeline import runner
+    from pipeline.config import load_run_config
+    from pipeline.manifest import MANIFEST, Manifest
+    from pipeline.storage import OutputDir
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "in").mkdir(parents=True)
+    data, n = _shard_bytes(), args.shards
+    options: dict = {}
+    t = time.perf_counter()
+    if args.s3:
+        import socket
+        import subprocess
+
+        import s3fs
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        # moto in its own process: in the driver's it would share the driver's GIL and be timed
+        # as driver overhead; its log (one line per request) counts what start-up asks for
+        log_path = work / "moto.log"
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+        atexit.register(server.kill)
+        requests = lambda: sum(1 for line in open(log_path) if "HTTP/1.1" in line)  # noqa: E731
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        options = {"key": "testing", "secret": "testing",
+                   "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+        fs = s3fs.S3FileSystem(**options)
+        fs.call_s3("create_bucket", Bucket="web")
+        fs.call_s3("create_bucket", Bucket="out")
+        fs.pipe({f"web/in/{i:06d}.tar": data for i in range(n)})
+        shards, output = f"s3://web/in/{{000000..{n - 1:06d}}}.tar", "s3://out/scale"
+    else:
+        for i in range(n):
+            (work / "in" / f"{i:06d}.tar").write_bytes(data)
+        shards, output = f"{work}/in/{{000000..{n - 1:06d}}}.tar", str(work / "out")
+    print(f"{n} input shards written in {time.perf_counter() - t:.1f} s ({'s3' if args.s3 else 'local'})")
+    opts = json.dumps(options)
+    overrides = [f"input.shards=[{shards}]", f"output.path={output}", "progress=false", "input.source=bench",
+                 "stages={ingest: {min_size: 1}}", f"ray.max_shards_in_flight={args.in_flight}",
+                 f"input.storage_options={opts}", f"output.storage_options={opts}"]
+    cfg = load_run_config(None, overrides)
+    out = OutputDir(output, options)
+
+    if args.resume_only:
+        return _resume_only(cfg, out, n, work)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    committed = [0]
+    sampler = RssAtCommits(lambda: committed[0])
+    sampler.start()
+    original_add = Manifest.add
+
+    def counting_add(self, record, stats):
+        original_add(self, record, stats)
+        committed[0] += 1
+
+    Manifest.add = counting_add
+    t = time.perf_counter()
+    summary = runner.run(cfg)
+    run_s = time.perf_counter() - t
+    Manifest.add = original_add
+    sampler.stop.set()
+    sampler.join()
+    assert summary.ok and summary.shards_done == n, summary.shards_failed
+    overhead = list(summary.commit_overhead_s)
+    k = min(1000, n // 2)
+    first_ms = statistics.mean(overhead[:k]) * 1000
+    last_ms = statistics.mean(overhead[-k:]) * 1000
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_first = next((mb for c, mb in sampler.samples if c >= k), float("nan"))
+    rss_last = next((mb for c, mb in reversed(sampler.samples) if c <= n - k), float("nan"))
+
+    manifest_bytes = len(out.read_bytes(MANIFEST))
+    records = {name: json.loads(rec) for name, rec in Manifest.load(out).shards.items()}
+    old_first = _old_style_save_ms(records, k, work)
+    old_last = _old_style_save_ms(records, n, work)
+
+    # resume with every shard committed
+    before = requests() if args.s3 else 0
+    t = time.perf_counter()
+    again = runner.run(cfg)
+    resume_s = time.perf_counter() - t
+    resume_requests = (requests() - before) if args.s3 else None
+    assert again.shards_skipped == n and again.shards_done == 0
+
+    # resume after a kill: the last k records are newer than the manifest
+    manifest = Manifest.load(out)
+    newest = sorted(manifest.shards)[-k:]
+    manifest.forget(newest)
+    manifest.save(out)
+    t = time.perf_counter()
+    recovered = runner.run(cfg)
+    recover_s = time.perf_counter() - t
+    assert recovered.shards_skipped == n and recovered.shards_done == 0
+    ray.shutdown()
+
+    print(f"run: {n} shards in {run_s:.1f} s ({n / run_s:.1f} shards/s), manifest {manifest_bytes / 1e6:.2f} MB")
+    print(f"per-commit driver overhead: first {k} {first_ms:.3f} ms, last {k} {last_ms:.3f} ms, "
+          f"ratio last/first {last_ms / first_ms:.2f}")
+    print(f"old way (whole manifest per commit), same records: at commit {k} {old_first:.1f} ms, "
+          f"at commit {n} {old_last:.1f} ms, ratio {old_last / old_first:.1f}")
+    print(f"driver RSS: after {k} commits {rss_first:.0f} MB, at commit {n - k} {rss_last:.0f} MB, "
+          f"peak {peak_mb:.0f} MB")
+    print(f"resume, all {n} committed: {resume_s:.2f} s in all (start-up: inputs listed and output "
+          f"opened {again.startup_s:.2f} s, of which output opened {again.resume_s:.2f} s)"
+          + (f"; {resume_requests} S3 requests in all" if args.s3 else ""))
+    print(f"resume, last {k} records newer than the manifest: {recover_s:.2f} s "
+          f"(output opened {recovered.resume_s:.2f} s)")
+    if args.s3:
+        server.terminate()
+        server.wait()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _resume_only(cfg, out, n: int, work: Path) -> None:
+    from pipeline import runner
+    from pipeline.manifest import Manifest, ShardRecord, stats_name
+    from pipeline.resume import open_output
+    from pipeline.storage import shard_name
+
+    assert out.local, "--resume-only writes its output locally"
+    t = time.perf_counter()
+    manifest = open_output(out, cfg, []).manifest
+    urls = sorted(str(p) for p in (work / "in").iterdir())
+    first = runner.read_and_process(urls[0], shard_name(urls[0]), cfg, ("ingest",))
+    _, stats0 = runner.write_shard(first, cfg)
+    name0, stats = first.name, stats0
+    blobs = {ext: Path(out.path(f"{name0}{ext}")).read_bytes() for ext in (".tar", ".parquet")}
+    for url in urls:
+        name = shard_name(url)
+        if name != name0:
+            for ext, data in blobs.items():
+                Path(out.path(f"{name}{ext}")).write_bytes(data)
+            files = {f"{name}.tar": stats0["files"][f"{name0}.tar"],
+                     f"{name}.parquet": stats0["files"][f"{name0}.parquet"]}
+            stats = {**stats0, "shard": name, "input": url, "files": files}
+            Path(out.path(stats_name(name))).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        manifest.add(ShardRecord.from_stats(stats), stats)
+    manifest.save(out)
+    print(f"committed output of {n} shards made in {time.perf_counter() - t:.1f} s (one real, copies)")
+    for label in ("all committed, fresh process cache", "all committed, again"):
+        t = time.perf_counter()
+        again = runner.run(cfg)
+        print(f"resume, {label}: {time.perf_counter() - t:.2f} s in all (start-up {again.startup_s:.2f} s, "
+              f"output opened {again.resume_s:.2f} s), {again.shards_skipped} skipped")
+    manifest = Manifest.load(out)
+    newest = sorted(manifest.shards)[-1000:]
+    manifest.forget(newest)
+    manifest.save(out)
+    t = time.perf_counter()
+    recovered = runner.run(cfg)
+    print(f"resume, last 1000 records newer than the manifest: {time.perf_counter() - t:.2f} s "
+          f"(output opened {recovered.resume_s:.2f} s), {recovered.shards_skipped} skipped")
+    print(f"driver RSS peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
