@@ -37,6 +37,7 @@ from model.config import CheckpointFormat
 from model.transforms import ResizeAt
 from stages.base import BaseStage, Resources
 from stages.schema import DropReason, Sample
+from stages.teacher_precision import PrecisionPolicy
 
 
 class TextPadding(str, enum.Enum):
@@ -74,7 +75,11 @@ class PseudoLabelConfig:
     assignment: PhraseAssignment = PhraseAssignment.BEST
     batch_size: int = 8
     device: Device = Device.AUTO            # auto = cuda when available, else cpu
-    precision: Precision = Precision.AUTO   # auto = bf16 autocast on CUDA, fp32 on CPU
+    # fp32 by default: bf16 autocast moved the labels (benchmarks/precision.py, benchmarks/RESULTS.md:
+    # 68% of boxes kept with everything in bf16, 94% with the image backbone in fp32, goal 98%).
+    # bf16 is opt-in, with ``precision_policy`` naming the modules that stay fp32.
+    precision: Precision = Precision.FP32
+    precision_policy: PrecisionPolicy = PrecisionPolicy.FP32_BACKBONE
     # The CPU side (decode, EXIF, tokenisation): threads; 0 = the CPUs this process may use.
     cpu_workers: int = 0
     prefetch: int = 2                       # batches ready ahead of the device (>= 2)
@@ -182,6 +187,7 @@ class PseudoLabel(BaseStage):
         from model.load import load_glip
         from model.postprocess import PostProcessor
         from model.predictor import Predictor
+        from stages.teacher_precision import apply_policy
 
         cfg = self.config
         if self._model is not None:
@@ -194,6 +200,8 @@ class PseudoLabel(BaseStage):
         self.precision = resolve_precision(cfg.precision, self.device)
         self.predictor = Predictor(model, device=self.device, batch_size=cfg.batch_size)
         self.model = self.predictor.model
+        if self.precision is not Precision.FP32:
+            apply_policy(self.model, cfg.precision_policy)
         if cfg.channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
         self.forward = self.model
