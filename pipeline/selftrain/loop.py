@@ -4,6 +4,11 @@
            ->  train the student on detection + grounding + pseudo shards
            ->  evaluate teacher and student on the held-out set  ->  REPORT.md
 
+with a control (the student without the pseudo source) and, with ``rounds=N``, the student of
+round k as the teacher of round k + 1. The student's score bar is fixed or read from the
+teacher's rare precision-by-score curve (``ScoreBar``); the paired bootstrap of the held-out
+images (``pipeline.selftrain.noise``) gives the noise of every difference.
+
 Every step is one call of the project's own API (``synth.world``, ``pipeline.train``,
 ``pipeline.runner``, ``pipeline.evaluation``) and is skipped when its output is already complete,
 so an interrupted loop resumes where it stopped. The report states the numbers as measured,
@@ -19,7 +24,7 @@ from pathlib import Path
 
 from core.config import to_dict
 from core.device import resolve_device
-from pipeline.selftrain.config import SelfTrainConfig, StudentInit
+from pipeline.selftrain.config import ScoreBar, SelfTrainConfig, StudentInit
 from pipeline.selftrain.report import loss_plot, pseudo_quality, write_report
 from trainer.data.config import SourceKind, TrainSourceConfig
 from trainer.data.prompts import CaptionPackingConfig
@@ -42,7 +47,8 @@ def _world(cfg: SelfTrainConfig, root: Path):
     return manifest, built
 
 
-def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig) -> dict[str, TrainSourceConfig]:
+def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig,
+             min_score: float | None = None) -> dict[str, TrainSourceConfig]:
     """The training mixture: the world's detection and grounding sets (+ the pseudo shards)."""
     packing = (CaptionPackingConfig(pack_random_caption_number=cfg.pack_captions)
                if cfg.pack_captions else None)
@@ -56,7 +62,8 @@ def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig) -> dict[str
     }
     if pseudo_shards:
         sources["pseudo"] = TrainSourceConfig(kind=SourceKind.PSEUDO, weight=cfg.pseudo_weight,
-                                              shards=[pseudo_shards], min_score=cfg.student_min_score,
+                                              shards=[pseudo_shards],
+                                              min_score=cfg.student_min_score if min_score is None else min_score,
                                               unlabelled_phrases=cfg.unlabelled_phrases, pack_captions=packing)
     return sources
 
@@ -120,6 +127,78 @@ def _evaluate(cfg: SelfTrainConfig, world, name: str, checkpoint: str, out: Path
     return metrics
 
 
+def _model(summary: dict) -> str:
+    return summary.get("model_ema") or summary["model"]
+
+
+def _score_bar(cfg: SelfTrainConfig, quality: dict | None) -> tuple[float, str]:
+    """The student's pseudo-box bar of this round, and why (see ``ScoreBar``)."""
+    from synth.truth import score_bar_for_precision
+
+    if cfg.score_bar is ScoreBar.FIXED:
+        return cfg.student_min_score, "fixed by the config (score_bar: fixed)"
+    if quality is None:
+        return cfg.student_min_score, "no truth to score the pseudo labels against: the config's student_min_score"
+    bar, why = score_bar_for_precision(quality, cfg.rare_precision_target, floor=cfg.teacher_min_score)
+    if bar is None:
+        return cfg.student_min_score, f"{why}: the config's student_min_score"
+    return bar, why
+
+
+def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, reused: set) -> dict:
+    """Round ``k``: label the web shards with ``teacher`` ({"model", "eval_dir", "name"}), choose
+    the bar, train the control and the student from it, evaluate them. Round 1 lives in the
+    workdir itself, round k > 1 in ``round{k}/``."""
+    from model.load import sha256_path
+
+    root = Path(cfg.workdir)
+    here = root if k == 1 else root / f"round{k}"
+    tag = "" if k == 1 else f" (round {k})"
+
+    def timed(step, fn, *args):
+        t = time.time()
+        value = fn(*args)
+        timings[step + tag] = time.time() - t
+        return value
+
+    label = timed("pseudo-label web shards", _label, cfg, world, teacher["model"], here / "pseudo")
+    if not label.commits:
+        reused.add("pseudo-label web shards" + tag)
+    quality = pseudo_quality(world, here / "pseudo")
+    bar, why = _score_bar(cfg, quality)
+    init_from = teacher["model"] if cfg.student_init is StudentInit.TEACHER else None
+    models = {}
+    for name in (["control"] if cfg.control else []) + ["student"]:
+        pseudo = str(here / "pseudo" / "*.tar") if name == "student" else None
+        summary = timed(f"train {name}", _train, cfg, name, here / name, _sources(world, pseudo, cfg, bar),
+                        cfg.student_overrides, init_from)
+        if summary.get("reused"):
+            reused.add(f"train {name}" + tag)
+        models[name] = _model(summary)
+    if all((teacher["eval_dir"] / f"{teacher['name']}_{kind}_metrics.json").exists()
+           for kind in ("detection", "grounding")):
+        reused.add("evaluate teacher" + tag)     # round k > 1: the student of round k - 1, evaluated there
+    results = {"teacher": timed("evaluate teacher", _evaluate, cfg, world, teacher["name"], teacher["model"],
+                                teacher["eval_dir"])}
+    for name, model in models.items():
+        if all((here / "eval" / f"{name}_{kind}_metrics.json").exists() for kind in ("detection", "grounding")):
+            reused.add(f"evaluate {name}" + tag)
+        results[name] = timed(f"evaluate {name}", _evaluate, cfg, world, name, model, here / "eval")
+    predictions = {"teacher": teacher["eval_dir"] / f"{teacher['name']}_detection_predictions.json",
+                   **{n: here / "eval" / f"{n}_detection_predictions.json" for n in models}}
+    noise = None
+    if cfg.noise_resamples:
+        from pipeline.selftrain.noise import paired_bootstrap
+        pairs = [("student", b) for b in ("control", "teacher") if b in results]
+        noise = timed("evaluation noise", paired_bootstrap, world.eval_annotations, predictions, pairs,
+                      cfg.noise_resamples, cfg.seed)
+    lineage = {"teacher": {"model": teacher["model"], "sha256": sha256_path(teacher["model"])},
+               **{n: {"model": m, "sha256": sha256_path(m), "init_from": init_from} for n, m in models.items()}}
+    return {"round": k, "dir": str(here), "results": results, "label": label.totals, "quality": quality,
+            "score_bar": bar, "score_bar_why": why, "noise": noise, "lineage": lineage,
+            "student_model": models["student"], "student_eval_dir": here / "eval"}
+
+
 def selftrain(cfg: SelfTrainConfig) -> dict:
     """Run the loop; returns the results dict also written to WORKDIR/results.json."""
     from pipeline.gallery import gallery_from_shards
@@ -129,48 +208,39 @@ def selftrain(cfg: SelfTrainConfig) -> dict:
     root = Path(cfg.workdir)
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-
-    def timed(step, fn, *args):
-        t = time.time()
-        value = fn(*args)
-        timings[step] = time.time() - t
-        return value
-
-    world, built = timed("world", _world, cfg, root)
+    t = time.time()
+    world, built = _world(cfg, root)
+    timings["world"] = time.time() - t
     reused = set() if built else {"world"}
-    teacher = timed("train teacher", _train, cfg, "teacher", root / "teacher", _sources(world, None, cfg),
-                    cfg.teacher_overrides)
-    teacher_model = teacher.get("model_ema") or teacher["model"]
-    label = timed("pseudo-label web shards", _label, cfg, world, teacher_model, root / "pseudo")
-    if not label.commits:
-        reused.add("pseudo-label web shards")
-    init_from = teacher_model if cfg.student_init is StudentInit.TEACHER else None
-    models = {"teacher": teacher_model}
-    if cfg.control:
-        control = timed("train control", _train, cfg, "control", root / "control", _sources(world, None, cfg),
-                        cfg.student_overrides, init_from)
-        models["control"] = control.get("model_ema") or control["model"]
-    student = timed("train student", _train, cfg, "student", root / "student",
-                    _sources(world, str(root / "pseudo" / "*.tar"), cfg), cfg.student_overrides, init_from)
-    models["student"] = student.get("model_ema") or student["model"]
-    reused |= {f"train {n}" for n, summary in (("teacher", teacher), ("student", student)) if summary.get("reused")}
-    if cfg.control and control.get("reused"):
-        reused.add("train control")
-    for name in models:
-        if all((root / "eval" / f"{name}_{kind}_metrics.json").exists() for kind in ("detection", "grounding")):
-            reused.add(f"evaluate {name}")
-    results = {name: timed(f"evaluate {name}", _evaluate, cfg, world, name, model, root / "eval")
-               for name, model in models.items()}
-    extras = {"timings": timings, "reused": reused, "label": label.totals, "quality": pseudo_quality(world, root / "pseudo")}
-    extras["loss_plot"] = loss_plot({name: root / name for name in models}, root / "loss.png")
-    pseudo_shards = expand_shards([str(root / "pseudo" / "*.tar")])
-    gallery = gallery_from_shards(pseudo_shards, str(root / "gallery"), n=12)
+    t = time.time()
+    summary = _train(cfg, "teacher", root / "teacher", _sources(world, None, cfg), cfg.teacher_overrides)
+    timings["train teacher"] = time.time() - t
+    if summary.get("reused"):
+        reused.add("train teacher")
+    teacher = {"model": _model(summary), "eval_dir": root / "eval", "name": "teacher"}
+    rounds = []
+    for k in range(1, cfg.rounds + 1):
+        rounds.append(_round(cfg, world, k, teacher, timings, reused))
+        teacher = {"model": rounds[-1]["student_model"], "eval_dir": rounds[-1]["student_eval_dir"],
+                   "name": "student"}
+    # the loss curves on one step axis: round k's control and student start where their teacher stopped
+    runs, offset = {"teacher": (root / "teacher", 0)}, summary.get("step", 0)
+    for r in rounds:
+        here = Path(r["dir"])
+        runs.update({f"{n}{'' if r['round'] == 1 else ' r%d' % r['round']}": (here / n, offset)
+                     for n in ("control", "student") if (here / n).exists()})
+        offset += json.loads((here / "student" / "train_summary.json").read_text()).get("step", 0)
+    extras = {"timings": timings, "reused": reused, "rounds": rounds}
+    extras["loss_plot"] = loss_plot(runs, root / "loss.png")
+    last = Path(rounds[-1]["dir"]) / "pseudo"
+    gallery = gallery_from_shards(expand_shards([str(last / "*.tar")]), str(root / "gallery"), n=12)
     extras["gallery"] = str(Path("gallery") / "index.html") if gallery.get("shown") else None
     report = stats(str(root / "pseudo"), plot_dir=str(root / "plots"))
     extras["stats_plots"] = [str(Path("plots") / Path(p).name) for p in report.plots]
-    (root / "REPORT.md").write_text(write_report(cfg, root, results, extras))
-    out = {"config": to_dict(cfg), "results": results, "timings": timings, "pseudo_quality": extras["quality"],
+    (root / "REPORT.md").write_text(write_report(cfg, root, extras))
+    keep = ("round", "results", "label", "quality", "score_bar", "score_bar_why", "noise", "lineage")
+    out = {"config": to_dict(cfg), "results": rounds[0]["results"], "pseudo_quality": rounds[0]["quality"],
+           "rounds": [{k: r[k] for k in keep} for r in rounds], "timings": timings,
            "report": str(root / "REPORT.md")}
     (root / "results.json").write_text(json.dumps(out, indent=2, default=str))
     return out
-

@@ -1,5 +1,6 @@
 """A smaller version of README's main command, end to end: world -> teacher -> pseudo labels ->
-student -> evaluation of both -> REPORT.md (a few steps each: this checks the loop, not accuracy)."""
+student -> evaluation of both -> REPORT.md, for two rounds (the student of round 1 teaches round 2;
+a few steps each: this checks the loop, not accuracy)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
         # an untrained teacher scores ~0.01 everywhere: let its boxes through so the student
         # really reads pseudo labels in this short test
         "teacher_min_score=0.0", "student_min_score=0.0", "unlabelled_phrases=ignore", "pack_captions=2",
+        "rounds=2", "noise_resamples=3",
         "label_overrides=[\"stages.pseudo_label.model_overrides=[inference.score_threshold=0.0]\"]"])
     selftrain(cfg)
     report = (tmp_path / "REPORT.md").read_text()
@@ -53,11 +55,33 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     stored = sum(quality[g]["boxes"] for g in ("rare", "common")) + quality["unmatched"]
     assert stored == label["boxes"]
     assert quality["rare"]["mentioned"] > 0 and "| rare |" in report
+    # round 2: its teacher is round 1's student (the same checkpoint bytes label the web again),
+    # and its control and student continue from it
+    rounds = json.loads((tmp_path / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[1]["label"]["read"] == rounds[0]["label"]["read"] == label["read"]   # every web shard, again
+    one, two = rounds[0]["lineage"], rounds[1]["lineage"]
+    assert two["teacher"]["sha256"] == one["student"]["sha256"] != one["teacher"]["sha256"]
+    assert two["student"]["sha256"] not in (one["student"]["sha256"], two["teacher"]["sha256"])
+    for name in ("student", "control"):
+        config = json.loads((tmp_path / "round2" / name / "train_config.json").read_text())
+        assert config["init_checkpoint"] == one["student"]["model"]
+    from pipeline.storage import iter_output_samples
+    labeler = next(iter(iter_output_samples(sorted(str(p) for p in (tmp_path / "round2" / "pseudo").glob("*.tar")))))
+    assert labeler.labeler["checkpoint_sha256"] == one["student"]["sha256"]
+    assert rounds[1]["results"]["teacher"]["detection"]["AP"] == rounds[0]["results"]["student"]["detection"]["AP"]
+    assert "## Round 2" in report and one["student"]["sha256"][:16] in report
+    # the evaluation noise stands beside each difference, the score bar and the curve are reported
+    assert rounds[0]["noise"]["resamples"] == 3 and rounds[0]["noise"]["pairs"]["student - control"]["AP"]["sd"] >= 0
+    assert re.search(r"\| AP \|.*\(± \d+\.\d\)", report)
+    assert "The student's score bar: 0**" in report and rounds[0]["score_bar"] == 0.0
+    assert [row["bar"] for row in rounds[0]["quality"]["by_score"]][:2] == [0.0, 0.2]
     # rerunning skips every finished step
     again = selftrain(cfg)
     assert all(again["timings"][f"train {name}"] < 5 for name in ("teacher", "control", "student"))
     assert "student − control" in report
     rerun_report = (tmp_path / "REPORT.md").read_text()
     for step in ("world", "train teacher", "pseudo-label web shards", "train control", "train student",
-                 "evaluate teacher", "evaluate control", "evaluate student"):
-        assert re.search(rf"- {step}: \d+ s \(output of an earlier run, reused\)", rerun_report), step
+                 "evaluate teacher", "evaluate control", "evaluate student",
+                 "pseudo-label web shards (round 2)", "train student (round 2)", "evaluate student (round 2)"):
+        assert re.search(rf"- {re.escape(step)}: \d+ s \(output of an earlier run, reused\)", rerun_report), step
