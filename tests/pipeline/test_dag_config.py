@@ -77,3 +77,10 @@ def test_plan_hosts_each_stage_by_its_resources():
     leading, hops = plan(cfg)
     assert leading == () and hops == [Hop(("ingest",), 2, 0.5, 0.0),
                                       Hop(("noun_phrases", "pseudo_label"), 0, 0.5, 0.0)]
+
+
+def test_a_config_class_can_name_runtime_fields_the_hash_leaves_out(monkeypatch):
+    base = semantic_hash(load_run_config(None, BASE))
+    assert semantic_hash(load_run_config(None, [*BASE, "stages.noun_phrases.batch_size=7"])) != base
+    monkeypatch.setattr(NounPhraseConfig, "runtime_fields", ("batch_size",), raising=False)
+    assert semantic_hash(load_run_config(None, [*BASE, "stages.noun_phrases.batch_size=7"])) == base
