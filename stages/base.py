@@ -8,7 +8,7 @@ list: accounting is the writer's job and needs every attempted sample.
 
 Each stage config carries a :class:`Resources` field (how the orchestrator hosts the stage); it
 never changes what the stage computes, so it is left out of the output's config hash.
-``stages/registry.py`` names every stage the DAG can run; ``docs/stage_contract.md`` tells how to
+``stages/registry.py`` finds every stage the DAG can run (``stages/NAME.py`` declaring ``STAGE``); ``docs/stage_contract.md`` tells how to
 add one.
 """
 from __future__ import annotations
@@ -56,7 +56,8 @@ class Stage(Protocol):
 class BaseStage:
     """Convenience base: ``setup`` is a no-op and per-sample errors become ``stage_error`` drops."""
 
-    name: ClassVar[str] = "stage"
+    name: ClassVar[str] = "stage"          # the stage's name in a run config's stages: (= its module's)
+    config_class: ClassVar[type]           # the typed config it is built from
     config: Any
 
     def __init__(self, config: Any = None) -> None:

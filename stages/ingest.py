@@ -78,6 +78,7 @@ class Ingest(BaseStage):
     """Decode and validate; see the module docstring for the checks and their order."""
 
     name: ClassVar[str] = "ingest"
+    config_class: ClassVar[type] = IngestConfig
     config: IngestConfig
 
     def __init__(self, config: IngestConfig | None = None) -> None:
@@ -177,3 +178,6 @@ class Ingest(BaseStage):
                     sample.drop(DropReason.DECODE_ERROR, f"decode: {type(exc).__name__}: {exc}")
                     return
                 sample.width, sample.height = _oriented_size(img)
+
+
+STAGE = Ingest      # found by stages.registry under the module's name

@@ -149,6 +149,7 @@ class NounPhrases(BaseStage):
     """spaCy noun chunks -> ``sample.phrases``; see the module docstring."""
 
     name: ClassVar[str] = "noun_phrases"
+    config_class: ClassVar[type] = NounPhraseConfig
     config: NounPhraseConfig
 
     def __init__(self, config: NounPhraseConfig | None = None) -> None:
@@ -256,3 +257,6 @@ class NounPhrases(BaseStage):
                     continue
                 self._fill(sample, doc)
         return batch
+
+
+STAGE = NounPhrases      # found by stages.registry under the module's name

@@ -43,7 +43,7 @@ def test_the_file_gives_the_order_and_the_resources(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("stages.dedup.x=1", "stages.dedup in command line: unknown stage 'dedup'; registered stages: ingest"),
+    ("stages.dedup.x=1", "stages.dedup in command line: unknown stage 'dedup'; the stages are: ingest"),
     ("noun_phrases.batch_size=3", "noun_phrases in command line: stage settings moved under stages:"),
     ("ray.noun_phrase_actors=2", "write stages.noun_phrases.resources.actors instead"),
     ("ray.teacher_num_gpus=1", "write stages.pseudo_label.resources.num_gpus instead"),

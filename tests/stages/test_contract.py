@@ -1,8 +1,8 @@
 """Every registered stage keeps the stage contract (stages/base.py, docs/stage_contract.md).
 
-Parametrised over ``stages.registry.STAGES``: a new stage is checked as soon as it is registered.
-Each stage gets a real batch prepared by the stages registered before it (registry order is the
-DAG order), so the teacher sees phrases and the noun-phrase stage sees decoded captions.
+Parametrised over ``stages.registry.registered_stages()``: a new stage module is checked as soon as
+it exists. Each stage gets a real batch prepared by the stages before it (in DAG order), so the
+teacher sees phrases and the noun-phrase stage sees decoded captions.
 """
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ import pytest
 
 from core.config import from_dict, to_dict
 from stages.base import Resources
-from stages.registry import STAGES, stage_spec
+from stages.registry import registered_stages, stage_spec
 from stages.schema import DropReason, Sample, Status
 from stages.shards import read_shard
 from stages.write import encode_shard, merge_stats, shard_stats, stats_table
 from synth.web import write_web_shards
+
+
+STAGES = registered_stages()
 
 
 def _config(name: str, tiny_teacher, teacher_overrides):
