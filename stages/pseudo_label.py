@@ -168,6 +168,7 @@ def exclusive_assignment(boxes, scores: list[float], labels: list[int], iou_thre
 
 class PseudoLabel(BaseStage):
     name = "pseudo_label"
+    config_class = PseudoLabelConfig
 
     def __init__(self, config: PseudoLabelConfig, model=None) -> None:
         """``model``: a built GLIP to label with instead of loading ``config.checkpoint``
@@ -411,3 +412,5 @@ class PseudoLabel(BaseStage):
                  padded_fraction=round(1 - real / padded, 4) if padded else 0.0,
                  cpu_s=round(s["cpu_s"] + fs.cpu_s, 4), device_s=round(s["device_s"] + device_s, 4))
 
+
+STAGE = PseudoLabel      # found by stages.registry under the module's name
