@@ -129,6 +129,27 @@ def part_peak(args, device, budget) -> dict:
     return {"matmul_n": n, "bf16_tflops": 2 * n ** 3 / s / 1e12}
 
 
+def counted_flops(args) -> dict:
+    """GLIP-T's forward FLOPs per image at 800x1333, prompts padded to the longest vs 256, counted
+    on the CPU without computing: the text encoder runs for real (its mask checks read values),
+    the image side on fake tensors (``--flops-only``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(model_config("glip_t", args, args.tmp), torch.device("cpu"))
+    h, w, _ = image_size(args)
+    out = {}
+    for pad in (False, True):
+        ids, mask = prompts(model, 1, pad, torch.device("cpu"))
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            text = model.language(ids, mask)
+            with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+                feats = model.backbone(torch.empty(1, 3, h, w))
+                model.head(feats, fake.from_tensor(text["hidden"]), fake.from_tensor(text["mask"]))
+        out["256" if pad else f"longest ({ids.shape[1]} tokens)"] = counter.get_total_flops() / 1e9
+    return out
+
+
 def forward_flops(model, device, batch_hw, sizes, ids, mask) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -273,7 +294,8 @@ def part_label(args, device, budget) -> dict:
 
     bare_s = timed(bare, device, iters=max(1, n // batch))     # one warm-up call first
     stage_ips, bare_ips = n / wall, batch / bare_s
-    return {"part": "label", "model": "glip_t", "images": n, "batch": batch, "stage_img_s": stage_ips,
+    return {"part": "label", "model": "glip_t", "precision": stage.precision.value, "images": n, "batch": batch,
+            "stage_img_s": stage_ips,
             "bare_img_s": bare_ips, "ratio": stage_ips / bare_ips, "gpu_busy": gpu / wall,
             "padded_fraction": stage.stats["padded_fraction"], "within_budget": budget.ok()}
 
@@ -324,7 +346,7 @@ def part_train(args, device, budget) -> list[dict]:
                     continue
                 mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
                 rows.append({**row, "img_s": b / s, "peak_mem_gib": mem})
-            del model, opt
+            model = opt = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -347,6 +369,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, every part, < 1 minute")
     ap.add_argument("--out", type=Path, default=Path("gpu_results.json"))
     ap.add_argument("--budget-s", type=float, default=450.0, help="the whole suite's time budget")
+    ap.add_argument("--flops-only", action="store_true", help="count GLIP-T's forward GFLOPs on the CPU and exit")
     args = ap.parse_args(argv)
     if args.prepare_assets:
         prepare_assets(args.prepare_assets)
@@ -355,6 +378,14 @@ def main(argv=None) -> dict:
         ap.error(f"--vocab-dir {args.vocab_dir}: no vocab.txt there; run --prepare-assets DIR first")
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     import tempfile
+
+    if args.flops_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.tmp = Path(tmp)
+            flops = counted_flops(args)
+        for name, g in flops.items():
+            print(f"GLIP-T forward at {'toy size' if args.smoke else '800x1333'}, prompt {name}: {g:.1f} GFLOP/img")
+        return {"flops_gflop": flops}
 
     start = time.perf_counter()
     shares = {"peak": 0.03, "forward": 0.37, "label": 0.2, "train": 0.4}

@@ -220,6 +220,6 @@ def device_batch(pixels: torch.Tensor, shapes: list[tuple[int, int]], resized: l
         offset += n
         if (sh, sw) != (rh, rw):
             x = _resize_like_pil(x, (rh, rw))
-        x = x.div(255)[[2, 1, 0]] * 255
+        x = x.div(255).flip(0) * 255            # RGB -> BGR without an index tensor (no host copy)
         out[i, :, :rh, :rw].copy_(x.sub_(mean).div_(std))
     return out

@@ -14,11 +14,9 @@ that loses every phrase this way is dropped ``no_phrases``.
 Boxes are absolute ``xyxy`` in the stored image's frame after EXIF orientation, clipped to the
 image with the legacy convention (x2 <= W - 1); boxes under a pixel wide or high are dropped.
 
-How a shard runs (``stages/teacher_feed.py``): ``cpu_workers`` threads decode while the device
-runs; batches are grouped by image shape (``stats["padded_fraction"]`` says how much padding
-is left) and prompts padded to the batch's longest (``text_padding``); uint8 pixels cross to the
-device, which resizes, normalises, pads, runs the network and post-processes; a CUDA
-out-of-memory error halves the batch (same padding, so the same labels) and goes on.
+A shard streams through ``stages/teacher_feed.py`` (CPU threads: decode, shape grouping, prompts
+padded to the batch's longest) and ``stages/teacher_device.py`` (resize, normalise, pad, forward,
+OOM back-off); post-processing runs beside the next forward. ``stats`` counts the padding.
 """
 from __future__ import annotations
 
@@ -188,6 +186,7 @@ class PseudoLabel(BaseStage):
         from model.load import load_glip
         from model.postprocess import PostProcessor
         from model.predictor import Predictor
+        from stages.teacher_device import DeviceRunner
         from stages.teacher_precision import apply_policy
 
         cfg = self.config
@@ -205,9 +204,11 @@ class PseudoLabel(BaseStage):
             apply_policy(self.model, cfg.precision_policy)
         if cfg.channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
-        self.forward = self.model
+        forward = self.model
         if cfg.compile is not Compile.NONE:
-            self.forward = torch.compile(self.model, mode=cfg.compile.value, dynamic=True)
+            forward = torch.compile(self.model, mode=cfg.compile.value, dynamic=True)
+        self.runner = DeviceRunner(forward, self.device, self.precision, model.cfg.input, cfg.batch_size,
+                                   cfg.channels_last)
         self.postprocess = PostProcessor(model.cfg.inference)
         self.max_len = model.cfg.language.max_query_len
         model_cfg = to_dict(model.cfg)
@@ -220,7 +221,6 @@ class PseudoLabel(BaseStage):
             "max_boxes_per_phrase": cfg.max_boxes_per_phrase,
             "assignment": cfg.assignment.value,
         }
-        self._oom_rows: int | None = None    # rows per forward after a CUDA out-of-memory error
         self.stats = {"images": 0, "batches": 0, "padded_fraction": 0.0, "oom_retries": 0,
                       "cpu_s": 0.0, "device_s": 0.0}
         self._ready = True
@@ -296,52 +296,17 @@ class PseudoLabel(BaseStage):
                         f"{cfg.min_score} ({best_text})")
 
     # --------------------------------------------------------------------------- device side
-    def _forward_rows(self, images, batch, rows: range) -> list[tuple[range, dict]]:
-        """The network over ``rows`` of a batch (all, or as many as fitted after a CUDA
-        out-of-memory error); such an error halves the rows and retries them. The padded size does not change,
-        so every image's outputs are those of an unfailed run."""
-        import torch
+    @property
+    def forward(self):
+        """The network call (the model, or its ``torch.compile`` wrapper)."""
+        return self.runner.forward
 
-        from core.device import autocast
+    @forward.setter
+    def forward(self, fn) -> None:
+        self.runner.forward = fn
 
-        limit = self.config.batch_size if self._oom_rows is None else self._oom_rows
-        if len(rows) > limit:
-            cut = rows.start + limit
-            return (self._forward_rows(images, batch, range(rows.start, cut))
-                    + self._forward_rows(images, batch, range(cut, rows.stop)))
-        sl = slice(rows.start, rows.stop)
-        try:
-            with autocast(self.device, self.precision):
-                out = self.forward(images[sl], batch.resized[sl], batch.input_ids[sl], batch.attention_mask[sl])
-            return [(rows, out)]
-        except torch.cuda.OutOfMemoryError:
-            if len(rows) == 1:
-                raise
-            out = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self._oom_rows = max(1, len(rows) // 2)
-            self.stats["oom_retries"] += 1
-            return self._forward_rows(images, batch, rows)
-
-    def _infer(self, batch) -> tuple[list[tuple[range, dict]], Any]:
-        """A batch on the device -> the network's outputs per row range, and the CUDA event
-        that marks them done (None on CPU)."""
-        import torch
-
-        from model.transforms import device_batch
-
-        icfg = self.model.cfg.input
-        images = device_batch(batch.pixels, batch.shapes, batch.resized, icfg.pixel_mean, icfg.pixel_std,
-                              icfg.size_divisibility)
-        if self.config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        parts = self._forward_rows(images, batch, range(len(batch.indices)))
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return parts, event
+    def _infer(self, batch):
+        return self.runner.infer(batch)
 
     def _finish(self, samples: list[Sample], batch, parts, event, stream) -> None:
         """Post-process on the device (its own stream on CUDA), then label: runs beside the
@@ -410,7 +375,8 @@ class PseudoLabel(BaseStage):
         padded = s.get("_padded", 0) + fs.padded_pixels
         s.update(_real=real, _padded=padded, images=s["images"] + fs.images, batches=s["batches"] + fs.batches,
                  padded_fraction=round(1 - real / padded, 4) if padded else 0.0,
-                 cpu_s=round(s["cpu_s"] + fs.cpu_s, 4), device_s=round(s["device_s"] + device_s, 4))
+                 cpu_s=round(s["cpu_s"] + fs.cpu_s, 4), device_s=round(s["device_s"] + device_s, 4),
+                 oom_retries=self.runner.oom_retries)
 
 
 STAGE = PseudoLabel      # found by stages.registry under the module's name

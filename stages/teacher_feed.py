@@ -178,7 +178,9 @@ class TeacherFeed:
                         pending.append((item, pool.submit(self._decode, item)))
                     if not pending:
                         break
-                    window = [pending.popleft() for _ in range(min(span, len(pending)))]
+                    # the first window is one batch, so the device starts as soon as it can
+                    take = self.batch_size if self.stats.batches == 0 else span
+                    window = [pending.popleft() for _ in range(min(take, len(pending)))]
                     start = time.thread_time()
                     items_by_index, decoded = {}, []
                     for item, future in window:

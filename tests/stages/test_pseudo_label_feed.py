@@ -136,7 +136,7 @@ def test_cuda_out_of_memory_halves_the_batch_and_gives_the_same_labels(stage, sy
     try:
         new = labelled(stage, shard_samples(synthetic_shards, run_shard), batch_size=4)
     finally:
-        stage.forward, stage._oom_rows = real, None
+        stage.forward, stage.runner.oom_rows = real, None
     assert calls[:3] == [4, 2, 1] and set(calls[3:]) == {1}   # halved twice, then kept at 1
     assert stage.stats["oom_retries"] >= 2
     # the same padded input: only the kernels' float rounding for another batch size (~3e-6 on

@@ -38,7 +38,7 @@ def test_policies_keep_their_modules_in_fp32(small):
         assert seen == {"backbone": torch.bfloat16, "head.token_proj": torch.bfloat16}
         apply_policy(model, PrecisionPolicy.FP32_BACKBONE)
         apply_policy(model, PrecisionPolicy.FP32_BACKBONE)            # idempotent
-        out = _run(model, images, enc)
+        _run(model, images, enc)
         assert seen == {"backbone": torch.float32, "head.token_proj": torch.bfloat16}
     finally:
         for h in hooks:
