@@ -21,6 +21,9 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
         # really reads pseudo labels in this short test
         "teacher_min_score=0.0", "student_min_score=0.0", "unlabelled_phrases=ignore", "pack_captions=2",
         "rounds=2", "noise_resamples=3",
+        # the bar read from the rare precision curve: no bar of a 3-step teacher reaches 100 %, so
+        # the config's student_min_score (0.0) is used, and the report says why
+        "score_bar=rare_precision", "rare_precision_target=1.0",
         "label_overrides=[\"stages.pseudo_label.model_overrides=[inference.score_threshold=0.0]\"]"])
     selftrain(cfg)
     report = (tmp_path / "REPORT.md").read_text()
@@ -75,6 +78,8 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     assert rounds[0]["noise"]["resamples"] == 3 and rounds[0]["noise"]["pairs"]["student - control"]["AP"]["sd"] >= 0
     assert re.search(r"\| AP \|.*\(± \d+\.\d\)", report)
     assert "The student's score bar: 0**" in report and rounds[0]["score_bar"] == 0.0
+    assert "the config's student_min_score" in rounds[0]["score_bar_why"]
+    assert "Said plainly: this bar was chosen from the curve above" in report
     assert [row["bar"] for row in rounds[0]["quality"]["by_score"]][:2] == [0.0, 0.2]
     # rerunning skips every finished step
     again = selftrain(cfg)
