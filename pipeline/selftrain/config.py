@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from core.config import load
 from core.device import Device
 from stages.schema import UnlabelledPhrases
+from trainer.data.config import KnownPhrases
 
-__all__ = ["StudentInit", "ScoreBar", "SelfTrainConfig", "load_selftrain_config", "Device"]
+__all__ = ["StudentInit", "ScoreBar", "KnownPhrases", "SelfTrainConfig", "load_selftrain_config", "Device"]
 
 
 class StudentInit(str, enum.Enum):
@@ -50,6 +51,10 @@ class SelfTrainConfig:
     # a caption phrase left without a box (> student_min_score): negative everywhere (official) or
     # ignored by the token loss
     unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE
+    # a pseudo box whose phrase names a class of the detection set (its categories): trained on
+    # (train, official) or dropped with its tokens ignored (ignore: the web shards teach only the
+    # words the detection set never names; the detection set teaches its own classes, cleanly)
+    known_phrases: KnownPhrases = KnownPhrases.TRAIN
     # grounding and pseudo captions: up to this many other captions packed around each as
     # negatives (official GoldG recipe, pack_random_caption_number); 0 = the caption alone
     pack_captions: int = 0

@@ -26,7 +26,7 @@ from core.config import to_dict
 from core.device import resolve_device
 from pipeline.selftrain.config import ScoreBar, SelfTrainConfig, StudentInit
 from pipeline.selftrain.report import loss_plot, pseudo_quality, write_report
-from trainer.data.config import SourceKind, TrainSourceConfig
+from trainer.data.config import KnownPhrases, SourceKind, TrainSourceConfig
 from trainer.data.prompts import CaptionPackingConfig
 
 __all__ = ["selftrain"]
@@ -49,7 +49,8 @@ def _world(cfg: SelfTrainConfig, root: Path):
 
 def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig,
              min_score: float | None = None) -> dict[str, TrainSourceConfig]:
-    """The training mixture: the world's detection and grounding sets (+ the pseudo shards)."""
+    """The training mixture: the world's detection and grounding sets (+ the pseudo shards; with
+    ``known_phrases: ignore`` their boxes of the detection set's categories are left out)."""
     packing = (CaptionPackingConfig(pack_random_caption_number=cfg.pack_captions)
                if cfg.pack_captions else None)
     sources = {
@@ -61,10 +62,13 @@ def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig,
                                        image_root=str(world.images("grounding")), pack_captions=packing),
     }
     if pseudo_shards:
+        known = ([c["name"] for c in json.loads(Path(world.detection_annotations).read_text())["categories"]]
+                 if cfg.known_phrases is KnownPhrases.IGNORE else [])
         sources["pseudo"] = TrainSourceConfig(kind=SourceKind.PSEUDO, weight=cfg.pseudo_weight,
                                               shards=[pseudo_shards],
                                               min_score=cfg.student_min_score if min_score is None else min_score,
-                                              unlabelled_phrases=cfg.unlabelled_phrases, pack_captions=packing)
+                                              unlabelled_phrases=cfg.unlabelled_phrases, pack_captions=packing,
+                                              known_phrases=cfg.known_phrases, known_names=known)
     return sources
 
 

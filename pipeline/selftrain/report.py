@@ -153,7 +153,8 @@ def write_report(cfg: SelfTrainConfig, root: Path, extras: dict) -> str:
     lines += ["- teacher: round 1, trained on the detection + grounding sets; round k > 1, the student of round k − 1.",
               f"- student: the trainer settings on detection + grounding + the round teacher's pseudo-labelled web "
               f"shards (mixture weights 1 : 1 : {cfg.pseudo_weight:g}; pseudo boxes scoring above the round's bar; "
-              f"phrases left without a box: {cfg.unlabelled_phrases.value}); its steps {init}."]
+              f"phrases left without a box: {cfg.unlabelled_phrases.value}; boxes of phrases naming a "
+              f"detection-set class: {cfg.known_phrases.value}); its steps {init}."]
     if cfg.control:
         lines.append("- control: the student exactly (same initialisation, steps, seed) but without the pseudo "
                      "source, so student − control is what the pseudo labels add, not what more steps add.")

@@ -11,13 +11,23 @@ from stages.readers.common import BoxConvention
 from stages.schema import UnlabelledPhrases
 from trainer.data.prompts import CaptionPackingConfig, DetectionPromptConfig
 
-__all__ = ["SourceKind", "UnlabelledPhrases", "TrainSourceConfig", "TrainDataConfig"]
+__all__ = ["SourceKind", "UnlabelledPhrases", "KnownPhrases", "TrainSourceConfig", "TrainDataConfig"]
 
 
 class SourceKind(str, enum.Enum):
     COCO = "coco"        # COCO-format detection JSON + image root: class-name prompts with negatives
     MDETR = "mdetr"      # MDETR-format grounding JSON + image root(s): captions as they are
     PSEUDO = "pseudo"    # output shards of the teacher DAG: boxes screened at min_score
+
+
+class KnownPhrases(str, enum.Enum):
+    """What a pseudo source makes of a caption phrase that names a class of its ``known_names``
+    (the classes the gold sets already label, e.g. the detection set's categories)."""
+    TRAIN = "train"     # official: its pseudo box is trained on like any other
+    # its pseudo box is dropped and its tokens take no token loss (an image left without a box is
+    # skipped): the pseudo labels teach only the words the gold sets never name, and the gold
+    # sets alone teach the rest, with their clean boxes
+    IGNORE = "ignore"
 
 
 @dataclass
@@ -33,6 +43,8 @@ class TrainSourceConfig:
     pack_captions: CaptionPackingConfig | None = None   # mdetr/pseudo: negative captions; null = off
     pool_size: int = 64                      # pseudo: captions kept as the packing pool
     unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE   # pseudo: phrases left without a box
+    known_phrases: KnownPhrases = KnownPhrases.TRAIN   # pseudo: phrases naming a class of known_names
+    known_names: list[str] = field(default_factory=list)   # pseudo: the classes the gold sets label
     box_convention: BoxConvention = BoxConvention.LEGACY
     shuffle: bool = True                     # reshuffle every epoch (seeded)
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +72,12 @@ class TrainSourceConfig:
             raise ValueError(f"unlabelled_phrases applies to pseudo sources (their captions keep the noun "
                              f"phrases the teacher found no box for); a {self.kind.value} source labels "
                              "every phrase it names: remove the key")
+        if self.kind is not SourceKind.PSEUDO and (self.known_phrases is not KnownPhrases.TRAIN or self.known_names):
+            raise ValueError(f"known_phrases and known_names apply to pseudo sources; a {self.kind.value} "
+                             "source's labels are gold: remove the keys")
+        if self.known_phrases is KnownPhrases.IGNORE and not self.known_names:
+            raise ValueError("known_phrases is ignore but known_names is empty: list the classes the gold "
+                             "sets label, e.g. known_names=[circle, square], or set known_phrases=train")
 
 
 @dataclass

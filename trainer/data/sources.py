@@ -14,7 +14,10 @@ overridden as ``data.sources.NAME.annotations=...``):
   ``pool_size`` records of the same stream (shards are read as streams, without random access).
   ``unlabelled_phrases: ignore`` takes the tokens of the caption's noun phrases left without a
   box out of the token loss (``trainer.data.prompts.unlabelled_phrase_spans``); the official
-  default, ``negative``, teaches that such a phrase is nowhere in the image.
+  default, ``negative``, teaches that such a phrase is nowhere in the image. ``known_phrases:
+  ignore`` drops the boxes whose phrase names a class of ``known_names`` (the gold sets' classes)
+  and takes those phrases' tokens out of the token loss; an image left without a box is skipped
+  (``known_only``).
 
 Nothing is materialised. A source is a factory ``epoch -> iterable of references``: for the
 JSON readers an index into the reader's compact in-memory index (the annotation file is read
@@ -53,8 +56,9 @@ from model.config import ModelConfig
 from stages.readers.output import read_output_samples
 from stages.schema import Sample, UnlabelledPhrases
 from trainer.data.accounting import DataAccounting
-from trainer.data.config import SourceKind, TrainDataConfig, TrainSourceConfig
+from trainer.data.config import KnownPhrases, SourceKind, TrainDataConfig, TrainSourceConfig
 from trainer.data.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
+from trainer.data.known_phrases import drop_known_labels, known_phrase_spans
 from trainer.data.prompts import (detection_to_grounding, pack_negative_captions, screen_pseudo_labels,
                                   unlabelled_phrase_spans)
 from trainer.data.transforms import TrainTransform, TrainTransformConfig, collate
@@ -178,11 +182,21 @@ class _ShardSource:
             count("boxes/below_score", before - len(sample.boxes))
         if not sample.boxes:
             raise _Skip("no_boxes")
+        known = self.cfg.known_phrases is KnownPhrases.IGNORE
+        if known:
+            before = len(sample.boxes)
+            sample = drop_known_labels(sample, self.cfg.known_names)
+            count("boxes/known_class", before - len(sample.boxes))
+            if not sample.boxes:
+                raise _Skip("known_only")
         if self.packing is not None:
             sample = pack_negative_captions(sample, [c for c in pool if c != sample.caption], self.tokenizer,
                                             rng, self.packing)
+        ignore = known_phrase_spans(sample, self.cfg.known_names) if known else []
         if self.cfg.unlabelled_phrases is UnlabelledPhrases.IGNORE:
-            sample.meta["ignore_spans"] = unlabelled_phrase_spans(sample)
+            ignore += [span for span in unlabelled_phrase_spans(sample) if span not in ignore]
+        if ignore:
+            sample.meta["ignore_spans"] = ignore
         return sample
 
 

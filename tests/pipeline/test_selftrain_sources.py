@@ -1,0 +1,30 @@
+"""The student's mixture that ``pipeline selftrain`` builds: with ``known_phrases: ignore`` the pseudo
+source leaves out the boxes of the detection set's own categories (read from its annotations)."""
+from __future__ import annotations
+
+import json
+
+from core.config import load, validate_tree
+from pipeline.selftrain import load_selftrain_config
+from pipeline.selftrain.loop import _sources
+from synth.config import WorldConfig
+from synth.world import build_world
+from trainer.data.config import KnownPhrases, SourceKind
+
+
+def test_known_phrases_ignore_names_the_detection_categories(tmp_path):
+    world = build_world(tmp_path / "world", load(WorldConfig, "configs/world/test.yaml", []))
+    categories = [c["name"] for c in json.loads(world.detection_annotations.read_text())["categories"]]
+    assert "circle" in categories and "fish" not in categories
+    cfg = load_selftrain_config("configs/demo.yaml", [f"workdir={tmp_path}", "known_phrases=ignore"])
+    sources = _sources(world, str(tmp_path / "pseudo" / "*.tar"), cfg, 0.3)
+    pseudo = sources["pseudo"]
+    assert pseudo.kind is SourceKind.PSEUDO and pseudo.min_score == 0.3
+    assert pseudo.known_phrases is KnownPhrases.IGNORE and pseudo.known_names == categories
+    for source in sources.values():
+        validate_tree(source)
+    official = _sources(world, str(tmp_path / "pseudo" / "*.tar"), load_selftrain_config(
+        "configs/demo.yaml", [f"workdir={tmp_path}", "known_phrases=train"]), 0.3)["pseudo"]
+    assert official.known_phrases is KnownPhrases.TRAIN and official.known_names == []
+    # the control's mixture has no pseudo source to filter
+    assert list(_sources(world, None, cfg)) == ["detection", "grounding"]
