@@ -109,7 +109,7 @@ def main() -> None:
 
     from pipeline import runner
     from pipeline.config import load_run_config
-    from pipeline.manifest import MANIFEST, Manifest
+    from pipeline.manifest import MANIFEST, Manifest, read_manifest
     from pipeline.storage import OutputDir
 
     work = Path(args.work)
@@ -179,16 +179,17 @@ def main() -> None:
     sampler.stop.set()
     sampler.join()
     assert summary.ok and summary.shards_done == n, summary.shards_failed
-    overhead = list(summary.commit_overhead_s)
     k = min(1000, n // 2)
-    first_ms = statistics.mean(overhead[:k]) * 1000
-    last_ms = statistics.mean(overhead[-k:]) * 1000
+    first_ms = statistics.mean(list(summary.commits.overhead_first_s)[:k]) * 1000
+    last_ms = statistics.mean(list(summary.commits.overhead_last_s)[-k:]) * 1000
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_first = next((mb for c, mb in sampler.samples if c >= k), float("nan"))
     rss_last = next((mb for c, mb in reversed(sampler.samples) if c <= n - k), float("nan"))
 
-    manifest_bytes = len(out.read_bytes(MANIFEST))
-    records = {name: json.loads(rec) for name, rec in Manifest.load(out).shards.items()}
+    head = Manifest.load(out)
+    head_bytes = len(out.read_bytes(MANIFEST))
+    segment_bytes = sum(len(out.read_bytes(name)) for name in head.segments)
+    records = read_manifest(out)["shards"]
     old_first = _old_style_save_ms(records, k, work)
     old_last = _old_style_save_ms(records, n, work)
 
@@ -201,17 +202,15 @@ def main() -> None:
     assert again.shards_skipped == n and again.shards_done == 0
 
     # resume after a kill: the last k records are newer than the manifest
-    manifest = Manifest.load(out)
-    newest = sorted(manifest.shards)[-k:]
-    manifest.forget(newest)
-    manifest.save(out)
+    _uncompact_newest(out, k)
     t = time.perf_counter()
     recovered = runner.run(cfg)
     recover_s = time.perf_counter() - t
     assert recovered.shards_skipped == n and recovered.shards_done == 0
     ray.shutdown()
 
-    print(f"run: {n} shards in {run_s:.1f} s ({n / run_s:.1f} shards/s), manifest {manifest_bytes / 1e6:.2f} MB")
+    print(f"run: {n} shards in {run_s:.1f} s ({n / run_s:.1f} shards/s); manifest: head {head_bytes / 1e6:.2f} MB, "
+          f"{len(head.segments)} segments {segment_bytes / 1e6:.2f} MB")
     print(f"per-commit driver overhead: first {k} {first_ms:.3f} ms, last {k} {last_ms:.3f} ms, "
           f"ratio last/first {last_ms / first_ms:.2f}")
     print(f"old way (whole manifest per commit), same records: at commit {k} {old_first:.1f} ms, "
@@ -228,6 +227,18 @@ def main() -> None:
         server.wait()
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _uncompact_newest(out, k: int) -> None:
+    """The state a kill leaves: the newest ``k`` records committed but not yet compacted (the
+    manifest's merged statistics are left as they are: start-up does not read them)."""
+    from pipeline.manifest import Manifest
+
+    manifest = Manifest.load(out)
+    records = manifest.compacted(out)
+    for name in sorted(records)[-k:]:
+        del records[name]
+    manifest.rewrite(out, records, manifest.stats)
 
 
 def _resume_only(cfg, out, n: int, work: Path) -> None:
@@ -261,10 +272,7 @@ def _resume_only(cfg, out, n: int, work: Path) -> None:
         again = runner.run(cfg)
         print(f"resume, {label}: {time.perf_counter() - t:.2f} s in all (start-up {again.startup_s:.2f} s, "
               f"output opened {again.resume_s:.2f} s), {again.shards_skipped} skipped")
-    manifest = Manifest.load(out)
-    newest = sorted(manifest.shards)[-1000:]
-    manifest.forget(newest)
-    manifest.save(out)
+    _uncompact_newest(out, 1000)
     t = time.perf_counter()
     recovered = runner.run(cfg)
     print(f"resume, last 1000 records newer than the manifest: {time.perf_counter() - t:.2f} s "

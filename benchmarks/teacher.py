@@ -92,9 +92,7 @@ def main() -> None:
                                  f"stages.pseudo_label.batch_size={args.batch}", "ray.max_shards_in_flight=2"])
         wall = time.perf_counter() - t
         ray.shutdown()
-        first, last = summary.commits[0], summary.commits[-1]
-        steady_n = sum(n for _, _, n in summary.commits[1:])
-        dag = steady_n / (last[1] - first[1])
+        dag = summary.commits.steady_rate
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}; tiny teacher, batch {args.batch}, "
@@ -102,7 +100,7 @@ def main() -> None:
     print(f"images: {len(samples)} in {args.shards} shards")
     for threads, rate in sorted(rates.items()):
         print(f"bare Predictor.ground loop, {threads} torch thread(s)  {rate:7.2f} img/s")
-    print(f"pipeline run, steady state                  {dag:7.2f} img/s  (first commit after {first[1]:.1f} s: Ray, spaCy "
+    print(f"pipeline run, steady state                  {dag:7.2f} img/s  (first commit after {summary.commits.first_s:.1f} s: Ray, spaCy "
           f"and teacher start-up; whole run {wall:.1f} s)")
     print(f"ratio DAG / best bare loop                  {dag / bare:7.3f}   (goal >= 0.9)")
 

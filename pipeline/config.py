@@ -32,9 +32,11 @@ class InputConfig:
 class OutputConfig:
     path: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    # _manifest.json (the compaction of the shards' commit records) is rewritten this often and
-    # at the end, never per shard; 0 = after every commit (tests)
+    # The shards' commit records are compacted into the manifest (a new _manifest.NNNNNN.json
+    # segment, then the _manifest.json head) this often, after this many new records, and at the
+    # end; never per shard. 0 = after every commit (tests)
     compact_every_s: float = 300.0
+    compact_every_shards: int = 10_000
 
 
 @dataclass
@@ -81,8 +83,8 @@ class RunConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.ray.max_shards_in_flight < 1:
             raise ValueError("ray.max_shards_in_flight must be >= 1")
-        if self.ray.shard_retries < 0 or self.output.compact_every_s < 0:
-            raise ValueError("ray.shard_retries and output.compact_every_s must be >= 0")
+        if self.ray.shard_retries < 0 or self.output.compact_every_s < 0 or self.output.compact_every_shards < 0:
+            raise ValueError("ray.shard_retries, output.compact_every_s and output.compact_every_shards must be >= 0")
 
 
 def _typed_stages(raw: Any, source: str | None) -> dict[str, Any]:

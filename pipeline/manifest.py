@@ -1,21 +1,33 @@
-"""The output's bookkeeping: each shard's commit record, and ``_manifest.json``, their compaction.
+"""The output's bookkeeping: each shard's commit record, and their compaction into the manifest.
 
 A shard is committed when its ``NAME_stats.json`` exists: the write task writes it last (after
 ``NAME.tar`` and ``NAME.parquet``, each atomically), and it names those files with their sha256
 and the input they came from. That record is written once per shard, by the task, and never
 rewritten, so a commit costs the same whether the run has 10 shards or 100,000.
 
-``_manifest.json`` is a compaction of the records: the run's config and config hash, its inputs,
-every compacted shard's record and the merged statistics of those shards. The driver writes it
-when a run starts (so the config hash is there before any shard), every ``output.compact_every_s``
-seconds and at the end, never per shard. A run killed between a record and the next compaction
-loses nothing: on resume the records that are newer than the manifest are found by listing the
-output once and read (in parallel), and only those.
+The manifest is a compaction of the records, in two kinds of file:
+
+- ``_manifest.json``, the head: the run's config and config hash, its inputs, the totals, the
+  merged statistics and the names of the segments, oldest first;
+- ``_manifest.NNNNNN.json``, the segments: each holds the records of the shards committed since
+  the compaction before it, and is written once.
+
+The driver holds only the records committed since the last compaction. A compaction writes them
+as the next segment, then rewrites the head; it happens when a run starts (so the config hash is
+there before any shard), every ``output.compact_every_s`` seconds, after
+``output.compact_every_shards`` new records and at the end, never per shard. Its cost is that of
+the new records and the head, not of every shard committed so far, and the driver's memory stays
+flat however long the run.
+
+A run killed between a record and the next compaction loses nothing: on resume the records newer
+than the manifest are found by listing the output once and read (in parallel), and only those. A
+segment written by a run killed before the head that names it is ignored and overwritten.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -23,13 +35,23 @@ from typing import Any, Iterable
 from pipeline.storage import OutputDir, StorageError
 
 MANIFEST = "_manifest.json"
-VERSION = 2
+VERSION = 3
 STATS_SUFFIX = "_stats.json"
 _READ_THREADS = 16
+_SEGMENT = re.compile(r"_manifest\.(\d{6,})\.json")
+_FIX = "delete the output folder (or choose a new output.path) and rerun"
 
 
 def stats_name(shard: str) -> str:
     return shard + STATS_SUFFIX
+
+
+def segment_name(index: int) -> str:
+    return f"_manifest.{index:06d}.json"
+
+
+def is_segment(name: str) -> bool:
+    return _SEGMENT.fullmatch(name) is not None
 
 
 @dataclass
@@ -107,21 +129,32 @@ class RunningStats:
                 "read_errors": self.read_errors}
 
 
+def _zero_totals() -> dict[str, int]:
+    return {"shards": 0, "read": 0, "kept": 0, "dropped": 0}
+
+
+def _compact(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
 @dataclass
 class Manifest:
     config_sha256: str
     config: dict[str, Any]
     inputs: list[str]
-    # name -> the record as compact JSON (what the manifest holds; a string is ~4x smaller
-    # than the dict it came from, and compaction only joins them)
-    shards: dict[str, str] = field(default_factory=dict)
     stats: RunningStats = field(default_factory=RunningStats)
     extra: dict[str, Any] = field(default_factory=dict)
-    totals: dict[str, int] = field(default_factory=lambda: {"read": 0, "kept": 0, "dropped": 0})
+    totals: dict[str, int] = field(default_factory=_zero_totals)   # every committed shard's
+    segments: list[str] = field(default_factory=list)              # compacted records, oldest first
+    next_segment: int = 0
+    # name -> record as compact JSON, for the shards committed since the last compaction: all
+    # the driver holds of the records
+    fresh: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, out: OutputDir) -> "Manifest | None":
-        data = out.read_json(MANIFEST, fix="delete the output folder (or choose a new output.path) and rerun")
+        """The head (one read); the records stay in their segments (``compacted``)."""
+        data = out.read_json(MANIFEST, fix=_FIX)
         if data is None:
             return None
         if data.get("version") != VERSION:
@@ -130,56 +163,111 @@ class Manifest:
                                "new output.path (or delete the old output) and rerun")
         manifest = cls(config_sha256=data.get("config_sha256", ""), config=data.get("config", {}),
                        inputs=list(data.get("inputs", [])), stats=RunningStats(data.get("stats")),
-                       extra=dict(data.get("extra", {})))
-        for name, record in data.get("shards", {}).items():
-            manifest._put(name, record)
+                       extra=dict(data.get("extra", {})), totals={**_zero_totals(), **data.get("totals", {})},
+                       segments=list(data.get("segments", [])), next_segment=int(data.get("next_segment", 0)))
         return manifest
 
-    def _put(self, name: str, record: dict[str, Any]) -> None:
-        self.shards[name] = json.dumps(record, sort_keys=True, separators=(",", ":"))
-        for key in self.totals:
-            self.totals[key] += int(record[key])
+    def compacted(self, out: OutputDir) -> dict[str, dict[str, Any]]:
+        """name -> record of every compacted shard: the segments, read in parallel."""
+        def one(name: str) -> dict[str, Any]:
+            data = out.read_json(name, fix=_FIX)
+            if data is None:
+                raise StorageError(f"{out.url}/{name} is missing but {MANIFEST} names it: the output was "
+                                   f"changed by hand; {_FIX}")
+            return data["shards"]
 
-    def record(self, name: str) -> dict[str, Any]:
-        return json.loads(self.shards[name])
+        records: dict[str, dict[str, Any]] = {}
+        if self.segments:
+            with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(self.segments))) as pool:
+                for part in pool.map(one, self.segments):
+                    records.update(part)
+        return records
+
+    @property
+    def uncompacted(self) -> int:
+        """Records added since the last compaction."""
+        return len(self.fresh)
 
     def add(self, record: ShardRecord, stats: dict[str, Any]) -> None:
         """One committed shard: O(1) (no file is written here)."""
-        if record.name in self.shards:
+        if record.name in self.fresh:
             raise ValueError(f"shard {record.name!r} committed twice")
-        self._put(record.name, record.to_json())
+        self.fresh[record.name] = _compact(record.to_json())
+        self.totals["shards"] += 1
+        for key in ("read", "kept", "dropped"):
+            self.totals[key] += int(getattr(record, key))
         self.stats.add(stats)
         if stats.get("labeler"):
             self.extra["labeler"] = stats["labeler"]
 
-    def forget(self, names: Iterable[str]) -> None:
-        """Drop shards whose files are gone (they are redone); the merged stats are rebuilt by
-        the caller from the remaining records."""
-        for name in names:
-            record = json.loads(self.shards.pop(name))
-            for key in self.totals:
-                self.totals[key] -= int(record[key])
-
     def save(self, out: OutputDir) -> None:
-        """Compaction: the whole manifest in one atomic write (O(shards); not per commit)."""
+        """Compaction: the records added since the last one as the next segment, then the head
+        (two atomic writes; the cost of the new records and the head, not of every shard)."""
+        if self.fresh:
+            name = segment_name(self.next_segment)
+            _write_records(out, name, self.fresh)
+            self.segments.append(name)
+            self.next_segment += 1
+            self.fresh = {}
+        self._write_head(out)
+
+    def rewrite(self, out: OutputDir, records: dict[str, dict[str, Any]], stats: RunningStats) -> None:
+        """Replace the compaction with ``records`` (and the uncompacted ones) in one new segment:
+        after compacted shards were dropped. The old segments are removed once the head no
+        longer names them."""
+        merged = {name: _compact(record) for name, record in records.items()}
+        merged.update(self.fresh)
+        self.totals = _zero_totals()
+        for text in merged.values():
+            record = json.loads(text)
+            self.totals["shards"] += 1
+            for key in ("read", "kept", "dropped"):
+                self.totals[key] += int(record[key])
+        old, self.segments, self.stats = self.segments, [], stats
+        self.fresh = merged
+        self.save(out)
+        for name in old:
+            out.remove(name)
+
+    def _write_head(self, out: OutputDir) -> None:
         head = {
             "version": VERSION,
             "config_sha256": self.config_sha256,
             "config": self.config,
             "inputs": self.inputs,
-            "totals": {"shards": len(self.shards), **self.totals},
+            "totals": self.totals,
             "stats": self.stats.state(),
             "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "extra": self.extra,
+            "segments": self.segments,
+            "next_segment": self.next_segment,
         }
-        text = json.dumps(head, sort_keys=True, separators=(",", ":"), default=str)
-        shards = ",".join(f"{json.dumps(n)}:{self.shards[n]}" for n in sorted(self.shards))
-        out.write_bytes(MANIFEST, (text[:-1] + ',"shards":{' + shards + "}}\n").encode())
+        out.write_bytes(MANIFEST, (json.dumps(head, sort_keys=True, separators=(",", ":"), default=str)
+                                   + "\n").encode())
 
 
-def read_records(out: OutputDir, names: list[str]) -> dict[str, dict[str, Any]]:
+def _write_records(out: OutputDir, name: str, records: dict[str, str]) -> None:
+    body = ",".join(f"{json.dumps(n)}:{records[n]}" for n in sorted(records))
+    out.write_bytes(name, ('{"shards":{' + body + "}}\n").encode())
+
+
+def read_manifest(out: OutputDir) -> dict[str, Any] | None:
+    """The whole manifest as one dict: the head with ``shards`` (name -> record) gathered from
+    its segments; None when the output has none. For readers and tests; the runner keeps only
+    the head."""
+    manifest = Manifest.load(out)
+    if manifest is None:
+        return None
+    data = out.read_json(MANIFEST, fix=_FIX)
+    data["shards"] = dict(sorted(manifest.compacted(out).items()))
+    return data
+
+
+def read_records(out: OutputDir, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The stats files of ``names`` read in parallel (object stores answer one GET at a time);
     a file that vanished since the listing is left out."""
+    names = list(names)
+
     def one(name: str):
         return name, out.read_json(stats_name(name), fix="delete it and rerun (the shard is redone)")
 

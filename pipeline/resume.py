@@ -1,9 +1,10 @@
 """What an output already holds, found at start-up with one listing.
 
-``open_output`` lists the output folder once (one LIST per prefix on an object store), loads
-``_manifest.json`` (one read) and then reads only the commit records the manifest does not hold
-yet: those of shards committed after its last compaction, in parallel. Its cost grows with the
-shards committed since the last compaction, not with the shards committed in all.
+``open_output`` lists the output folder once (one LIST per prefix on an object store), loads the
+manifest's head (one read) and its segments (in parallel), and then reads only the commit records
+the manifest does not hold yet: those of shards committed after its last compaction, in parallel.
+Beyond the segments, its cost grows with the shards committed since the last compaction, not
+with the shards committed in all.
 
 A shard counts as committed when its record (``NAME_stats.json``) and every file the record
 names are in the listing. A compacted shard whose files have gone (deleted by hand, a lifecycle
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from core.config import to_dict
 from pipeline.config import RunConfig, semantic_hash
 from pipeline.manifest import (MANIFEST, STATS_SUFFIX, Manifest, RunningStats, ShardRecord,
-                               read_records)
+                               is_segment, read_records)
 from pipeline.storage import OutputDir, StorageError
 
 log = logging.getLogger("pipeline")
@@ -29,6 +30,7 @@ log = logging.getLogger("pipeline")
 class OutputState:
     manifest: Manifest
     listed: int                       # names in the output listing
+    committed: set[str] = field(default_factory=set)     # every shard committed in the output
     recovered: list[str] = field(default_factory=list)   # committed after the last compaction
     redo: list[str] = field(default_factory=list)        # compacted, but files missing
     seconds: float = 0.0
@@ -43,11 +45,12 @@ def list_output(out: OutputDir) -> set[str]:
     return set(out.names())
 
 
-def remove_temporaries(out: OutputDir, names: set[str]) -> int:
-    """Delete the ``.*.tmp`` files a killed writer left (local outputs; from the listing)."""
-    if not out.local:
-        return 0
-    stale = [n for n in names if n.startswith(".") and n.endswith(".tmp")]
+def remove_temporaries(out: OutputDir, names: set[str], manifest: Manifest | None = None) -> int:
+    """Delete what a killed run left (found in the listing): ``.*.tmp`` files of local outputs,
+    and manifest segments the head does not name (written just before a kill, or replaced by a
+    ``Manifest.rewrite``)."""
+    stale = [n for n in names if out.local and n.startswith(".") and n.endswith(".tmp")]
+    stale += [n for n in names if is_segment(n) and (manifest is None or n not in manifest.segments)]
     for name in stale:
         out.remove(name)
         names.discard(name)
@@ -82,29 +85,32 @@ def open_output(out: OutputDir, cfg: RunConfig, inputs: list[str]) -> OutputStat
             f"(config sha256 {manifest.config_sha256[:12]}… vs {config_hash[:12]}…); resuming "
             "would mix two configs: choose a new output.path or delete the old output")
     names = list_output(out)
-    remove_temporaries(out, names)
+    remove_temporaries(out, names, manifest)
     state = OutputState(manifest=manifest, listed=len(names))
+    compacted = manifest.compacted(out)
 
-    state.redo = sorted(n for n in manifest.shards
-                        if not _complete(manifest.record(n)["files"], names))
+    state.redo = sorted(n for n, record in compacted.items() if not _complete(record["files"], names))
     newer = sorted(n[: -len(STATS_SUFFIX)] for n in names
-                   if n.endswith(STATS_SUFFIX) and n[: -len(STATS_SUFFIX)] not in manifest.shards)
+                   if n.endswith(STATS_SUFFIX) and n[: -len(STATS_SUFFIX)] not in compacted)
     for name, stats in read_records(out, newer).items():
         record = ShardRecord.from_stats(stats)
         if record.name == name and _complete(record.files, names):
             manifest.add(record, stats)
             state.recovered.append(name)
+    manifest.inputs = sorted(set(manifest.inputs) | set(inputs))
+    manifest.config = to_dict(cfg)
     if state.redo:
         log.warning("%d committed shards lost files and are redone (first: %s)", len(state.redo),
                     state.redo[0])
-        manifest.forget(state.redo)
-        manifest.stats = RunningStats()
-        for stats in read_records(out, sorted(manifest.shards)).values():
-            manifest.stats.add(stats)
-    manifest.inputs = sorted(set(manifest.inputs) | set(inputs))
-    manifest.config = to_dict(cfg)
-    if state.recovered or state.redo:
+        for name in state.redo:
+            del compacted[name]
+        stats = RunningStats()
+        for one in read_records(out, sorted([*compacted, *state.recovered])).values():
+            stats.add(one)
+        manifest.rewrite(out, compacted, stats)
+    elif state.recovered:
         manifest.save(out)
+    state.committed = set(compacted) | set(state.recovered)
     state.seconds = time.perf_counter() - t0
     return state
 

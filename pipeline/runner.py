@@ -12,7 +12,9 @@ them; each stage's ``resources`` say how it is hosted.
 
 The write task commits the shard: its data files, then its record (``NAME_stats.json``, see
 ``pipeline/manifest.py``). The driver adds the record to the manifest in memory (O(1)) and
-compacts ``_manifest.json`` every ``output.compact_every_s`` seconds and at the end. Actors
+compacts the new records into the manifest every ``output.compact_every_s`` seconds, every
+``output.compact_every_shards`` records and at the end; what it holds per run stays bounded
+(``Commits``: counts and times, not a list of every shard). Actors
 restart and their calls are retried when a worker dies; a shard whose objects died with a node is
 resubmitted (``ray.shard_retries``); one that still fails is reported, left uncommitted, and
 redone by the next run. Output bytes depend only on the shard's content and the stage configs,
@@ -58,17 +60,49 @@ class RunSummary:
     shards_failed: dict[str, str] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    # (shard, seconds since the run started, samples read) per shard committed by this run,
-    # in commit order: the steady-state throughput is between the first and the last commit.
-    commits: list[tuple[str, float, int]] = field(default_factory=list)
-    # The driver's seconds of bookkeeping per commit (result fetched -> recorded), commit order.
-    commit_overhead_s: array = field(default_factory=lambda: array("d"))
+    commits: "Commits" = field(default_factory=lambda: Commits())
     startup_s: float = 0.0         # inputs listed + output opened, before the first submission
     resume_s: float = 0.0          # of which: opening the output (listing, manifest, records)
 
     @property
     def ok(self) -> bool:
         return not self.shards_failed
+
+
+@dataclass
+class Commits:
+    """This run's commits in bounded memory: how many, when the first and the last landed
+    (seconds since the run started), the samples read after the first (steady-state throughput
+    is ``read_after_first / (last_s - first_s)``), and the driver's seconds of bookkeeping per
+    commit (result fetched -> recorded) for the first and the last ``keep`` commits."""
+    keep: int = 1000
+    count: int = 0
+    first_s: float = 0.0
+    last_s: float = 0.0
+    read_after_first: int = 0
+    overhead_first_s: array = field(default_factory=lambda: array("d"))
+    overhead_last_s: deque = field(default_factory=deque)
+
+    def add(self, at_s: float, read: int) -> None:
+        if self.count == 0:
+            self.first_s = at_s
+        else:
+            self.read_after_first += read
+        self.count += 1
+        self.last_s = at_s
+
+    def overhead(self, seconds: float) -> None:
+        if len(self.overhead_first_s) < self.keep:
+            self.overhead_first_s.append(seconds)
+        self.overhead_last_s.append(seconds)
+        if len(self.overhead_last_s) > self.keep:
+            self.overhead_last_s.popleft()
+
+    @property
+    def steady_rate(self) -> float:
+        """Samples per second between the first and the last commit (0 with fewer than two)."""
+        span = self.last_s - self.first_s
+        return self.read_after_first / span if self.count > 1 and span > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- work on one shard
@@ -204,10 +238,11 @@ def run(cfg: RunConfig) -> RunSummary:
     out = OutputDir(cfg.output.path, cfg.output.storage_options)
     state = open_output(out, cfg, inputs)
     manifest = state.manifest
-    pending = [(url, name) for url, name in zip(inputs, names) if name not in manifest.shards]
+    pending = [(url, name) for url, name in zip(inputs, names) if name not in state.committed]
     summary = RunSummary(output=cfg.output.path, shards_total=len(inputs),
                          shards_skipped=len(inputs) - len(pending), shards_done=0,
                          startup_s=time.time() - t0, resume_s=state.seconds)
+    del state, names                   # the committed names: not held while the run goes on
     if pending:
         started_ray = init_ray(cfg)
         try:
@@ -280,16 +315,17 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
                     bar.update(1)
                     continue
                 manifest.add(record, stats)
-                if time.time() - last_compaction >= cfg.output.compact_every_s:
+                if (manifest.uncompacted >= cfg.output.compact_every_shards
+                        or time.time() - last_compaction >= cfg.output.compact_every_s):
                     manifest.save(out)
                     last_compaction = time.time()
                 summary.shards_done += 1
-                summary.commits.append((name, time.time() - t_start, record.read))
+                summary.commits.add(time.time() - t_start, record.read)
                 read += record.read
                 kept += record.kept
                 bar.set_postfix(read=read, kept=kept, refresh=False)
                 bar.update(1)
-                summary.commit_overhead_s.append(time.perf_counter() - t_commit)
+                summary.commits.overhead(time.perf_counter() - t_commit)
     finally:
         bar.close()
         for pool in pools:

@@ -166,7 +166,7 @@ def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, re
         return value
 
     label = timed("pseudo-label web shards", _label, cfg, world, teacher["model"], here / "pseudo")
-    if not label.commits:
+    if not label.shards_done:
         reused.add("pseudo-label web shards" + tag)
     quality = pseudo_quality(world, here / "pseudo")
     bar, why = _score_bar(cfg, quality)

@@ -84,7 +84,7 @@ def _run_and_remove_a_node(cluster, workers, cfg, out: Path) -> dict:
     if "summary" in result:
         s = result["summary"]
         report.update(ok=s.ok, failed=s.shards_failed, done=s.shards_done, skipped=s.shards_skipped,
-                      commit_names=[c[0] for c in s.commits], totals_read=s.totals.get("read"))
+                      commits=s.commits.count, totals_read=s.totals.get("read"))
     else:
         report["error"] = result.get("error", "the run did not finish in 300 s")
     return report

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pipeline.config import load_run_config
-from pipeline.manifest import MANIFEST, Manifest, RunningStats
+from pipeline.manifest import MANIFEST, Manifest, RunningStats, is_segment, read_manifest, segment_name
 from pipeline.resume import open_output
 from pipeline.runner import ShardWork, write_shard
 from pipeline.storage import OutputDir
@@ -45,7 +45,8 @@ class CountingOutput(OutputDir):
         CountingOutput.calls[what] = CountingOutput.calls.get(what, 0) + 1
 
     def read_bytes(self, name):
-        self._count("read:" + ("manifest" if name == MANIFEST else "record"))
+        kind = "manifest" if name == MANIFEST else "segment" if is_segment(name) else "record"
+        self._count("read:" + kind)
         return super().read_bytes(name)
 
     def exists(self, name):
@@ -82,14 +83,16 @@ def test_resume_lists_once_and_reads_only_records_newer_than_the_manifest(tmp_pa
         _commit(cfg, manifest, f"{i:05d}")             # ...then 3 records, then a SIGKILL
     CountingOutput.calls = {}
     state = open_output(CountingOutput(cfg.output.path), cfg, [])
-    assert CountingOutput.calls == {"read:manifest": 1, "list": 1, "read:record": 3}
+    assert CountingOutput.calls == {"read:manifest": 1, "list": 1, "read:segment": 1, "read:record": 3}
     assert state.recovered == ["00040", "00041", "00042"] and not state.redo
-    assert len(state.manifest.shards) == 43 and state.manifest.totals["read"] == 43 * 3
-    # the recovered records are compacted at start-up: the next start reads no record at all
+    assert len(state.committed) == 43 and state.manifest.totals == {"shards": 43, "read": 43 * 3, "kept": 0,
+                                                                    "dropped": 43 * 3}
+    # the recovered records are compacted at start-up (a second segment): the next start reads
+    # no record at all
     CountingOutput.calls = {}
     again = open_output(CountingOutput(cfg.output.path), cfg, [])
-    assert CountingOutput.calls == {"read:manifest": 1, "list": 1}
-    assert again.manifest.stats.result()["read"] == 43 * 3
+    assert CountingOutput.calls == {"read:manifest": 1, "list": 1, "read:segment": 2}
+    assert len(again.committed) == 43 and again.manifest.stats.result()["read"] == 43 * 3
 
 
 def test_a_compacted_shard_that_lost_a_file_is_redone_and_totals_rebuilt(tmp_path):
@@ -99,11 +102,15 @@ def test_a_compacted_shard_that_lost_a_file_is_redone_and_totals_rebuilt(tmp_pat
     for i in range(5):
         _commit(cfg, manifest, f"{i:05d}")
     manifest.save(out)
+    _commit(cfg, manifest, "00005")                   # a record newer than the compaction
     (tmp_path / "out" / "00003.parquet").unlink()
     state = open_output(out, cfg, [])
-    assert state.redo == ["00003"] and "00003" not in state.manifest.shards
-    assert state.manifest.totals["read"] == 4 * 3
-    assert state.manifest.stats.result()["shards"] == 4 and state.manifest.stats.result()["read"] == 12
+    assert state.redo == ["00003"] and state.recovered == ["00005"] and "00003" not in state.committed
+    assert state.manifest.totals["read"] == 5 * 3
+    assert state.manifest.stats.result()["shards"] == 5 and state.manifest.stats.result()["read"] == 15
+    # the compaction is rewritten without the lost shard; the old segment is gone
+    assert sorted(read_manifest(out)["shards"]) == ["00000", "00001", "00002", "00004", "00005"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("_manifest.*.json")) == [segment_name(1)]
 
 
 def test_stats_files_without_a_manifest_are_not_trusted(tmp_path):
@@ -112,7 +119,8 @@ def test_stats_files_without_a_manifest_are_not_trusted(tmp_path):
     manifest = open_output(out, cfg, []).manifest
     _commit(cfg, manifest, "00000")
     (tmp_path / "out" / MANIFEST).unlink()
-    assert open_output(out, cfg, []).manifest.shards == {}
+    state = open_output(out, cfg, [])
+    assert state.committed == set() and state.manifest.totals["shards"] == 0
 
 
 def test_resume_with_another_config_is_refused_even_before_any_compaction(tmp_path):
@@ -154,9 +162,67 @@ def test_manifest_round_trip_keeps_records_and_totals(tmp_path):
     manifest = open_output(out, cfg, ["in/00000.tar"]).manifest
     for i in range(3):
         _commit(cfg, manifest, f"{i:05d}")
+    records = {name: json.loads(text) for name, text in manifest.fresh.items()}
     manifest.save(out)
-    data = json.loads((tmp_path / "out" / MANIFEST).read_text())
-    assert sorted(data["shards"]) == ["00000", "00001", "00002"]
+    data = read_manifest(out)
+    assert data["shards"] == records
     assert data["totals"] == {"shards": 3, "read": 9, "kept": 0, "dropped": 9}
     loaded = Manifest.load(out)
-    assert loaded.shards == manifest.shards and loaded.totals == manifest.totals
+    assert loaded.compacted(out) == records and loaded.totals == manifest.totals
+    assert loaded.stats.result() == manifest.stats.result() and loaded.segments == [segment_name(0)]
+
+
+def test_a_compaction_writes_the_new_records_and_a_head_that_does_not_grow(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path / "out")
+    out = OutputDir(cfg.output.path)
+    manifest = open_output(out, cfg, [f"in/{i:05d}.tar" for i in range(60)]).manifest
+    written = {}
+    original = OutputDir.write_bytes
+    monkeypatch.setattr(OutputDir, "write_bytes", lambda self, n, d: (written.__setitem__(n, d), original(self, n, d)))
+    sizes = []
+    for start in (0, 10, 50):
+        for i in range(start, start + 10):
+            _commit(cfg, manifest, f"{i:05d}")
+        written.clear()
+        manifest.save(out)
+        segment = segment_name(len(manifest.segments) - 1)
+        assert sorted(written) == sorted([MANIFEST, segment])          # nothing older is rewritten
+        assert sorted(json.loads(written[segment])["shards"]) == [f"{i:05d}" for i in range(start, start + 10)]
+        sizes.append(len(written[MANIFEST]))
+    # 10, 20, 30 shards: the head grows by one segment's name per compaction, not per shard
+    assert [b - a for a, b in zip(sizes, sizes[1:])] == [len(json.dumps(segment_name(0))) + 1] * 2
+    assert manifest.fresh == {}
+
+
+def test_a_segment_written_just_before_a_kill_is_ignored_and_its_records_recovered(tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    out = OutputDir(cfg.output.path)
+    manifest = open_output(out, cfg, []).manifest
+    for i in range(3):
+        _commit(cfg, manifest, f"{i:05d}")
+    manifest.save(out)
+    for i in range(3, 5):
+        _commit(cfg, manifest, f"{i:05d}")
+    # the kill lands between the new segment and the head that would name it
+    (tmp_path / "out" / segment_name(1)).write_text('{"shards": {"00003": {"files": {}, "read": 99}}}\n')
+    stale = tmp_path / "out" / segment_name(7)          # as a rewrite killed before its clean-up leaves
+    stale.write_text('{"shards": {}}\n')
+    state = open_output(out, cfg, [])
+    assert not stale.exists()
+    assert state.recovered == ["00003", "00004"] and state.manifest.totals["read"] == 5 * 3
+    data = read_manifest(out)
+    assert sorted(data["shards"]) == [f"{i:05d}" for i in range(5)] and data["shards"]["00003"]["read"] == 3
+    assert data["segments"] == [segment_name(0), segment_name(1)]
+
+
+def test_commits_are_kept_in_bounded_memory():
+    from pipeline.runner import Commits
+
+    commits = Commits(keep=3)
+    for i in range(10):
+        commits.add(at_s=2.0 + i, read=5)
+        commits.overhead(i / 1000)
+    assert commits.count == 10 and (commits.first_s, commits.last_s) == (2.0, 11.0)
+    assert commits.steady_rate == 9 * 5 / 9.0
+    assert list(commits.overhead_first_s) == [0.0, 0.001, 0.002] and list(commits.overhead_last_s) == [0.007, 0.008, 0.009]
+    assert Commits().steady_rate == 0.0

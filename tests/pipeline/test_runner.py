@@ -12,6 +12,8 @@ import pytest
 
 from pipeline import api
 from pipeline.config import load_run_config
+from pipeline.manifest import read_manifest
+from pipeline.storage import OutputDir
 from synth.web import write_web_shards
 
 pytestmark = pytest.mark.slow
@@ -99,7 +101,7 @@ def test_manifest_records_committed_shards_with_checksums(first_run):
     import hashlib
 
     out, _ = first_run
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(OutputDir(str(out)))
     assert sorted(manifest["shards"]) == ["00000", "00001", "00002"]
     for name, record in manifest["shards"].items():
         assert record["read"] == record["kept"] + record["dropped"]
@@ -119,11 +121,17 @@ def test_rerun_skips_committed_shards_and_changes_nothing(web_shards, first_run)
 
 
 def test_same_input_and_config_give_byte_identical_output(web_shards, first_run, tmp_path):
+    """Also with a compaction every 2 records: how often the manifest is compacted changes the
+    manifest's segments, never the data."""
     root, _ = web_shards
     out, _ = first_run
     other = tmp_path / "again"
-    api.run(_cfg(f"{root}/*.tar", other, "stages.noun_phrases.resources.actors=2", "ray.max_shards_in_flight=1"))
+    api.run(_cfg(f"{root}/*.tar", other, "stages.noun_phrases.resources.actors=2", "ray.max_shards_in_flight=1",
+                 "output.compact_every_shards=2", "output.compact_every_s=3600"))
     assert _output_files(other) == _output_files(out)
+    head = json.loads((other / "_manifest.json").read_text())
+    sizes = [len(json.loads((other / name).read_text())["shards"]) for name in head["segments"]]
+    assert sizes == [2, 1] and head["totals"] == read_manifest(OutputDir(str(out)))["totals"]
 
 
 def test_how_a_stage_is_hosted_does_not_change_the_output(web_shards, first_run, tmp_path):
@@ -191,7 +199,7 @@ def test_sigkill_while_writing_then_rerun_equals_uninterrupted_run(web_shards, f
     committed = len(list(out.glob("*_stats.json")))     # a record may have landed during the kill
     assert count <= committed < 3
     if compact_every_s:
-        manifest = json.loads((out / "_manifest.json").read_text())
+        manifest = read_manifest(OutputDir(str(out)))
         assert manifest["shards"] == {}, "the kill should land before any compaction"
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True,
                             text=True, timeout=300)
@@ -203,8 +211,8 @@ def test_sigkill_while_writing_then_rerun_equals_uninterrupted_run(web_shards, f
     ref_totals = json.loads((reference / "stats.json").read_text())
     assert (totals["read"], totals["kept"], totals["dropped"]) == (ref_totals["read"], ref_totals["kept"], ref_totals["dropped"])
     assert totals["drops"] == ref_totals["drops"] and totals["shards"] == 3
-    manifest = json.loads((out / "_manifest.json").read_text())
-    ref_manifest = json.loads((reference / "_manifest.json").read_text())
+    manifest = read_manifest(OutputDir(str(out)))
+    ref_manifest = read_manifest(OutputDir(str(reference)))
     assert manifest["shards"].keys() == ref_manifest["shards"].keys()
     for name, record in manifest["shards"].items():
         assert record["files"] == ref_manifest["shards"][name]["files"]

@@ -8,6 +8,8 @@ import pytest
 
 from pipeline import api
 from pipeline.config import load_run_config
+from pipeline.manifest import read_manifest
+from pipeline.storage import OutputDir
 from synth.web import write_web_shards
 
 pytestmark = pytest.mark.slow
@@ -54,7 +56,7 @@ def test_dag_reads_and_writes_s3_like_local(s3, ray_session, tmp_path):
     assert local.totals["read"] == summary.totals["read"] and local.totals["kept"] == summary.totals["kept"]
     for name in ("00000.tar", "00001.tar", "00000.parquet", "00001.parquet"):
         assert fs.cat(f"out/np/{name}") == (tmp_path / "local" / name).read_bytes(), name
-    manifest = json.loads(fs.cat("out/np/_manifest.json"))
+    manifest = read_manifest(OutputDir("s3://out/np", options))
     assert sorted(manifest["shards"]) == ["00000", "00001"]
 
     again = api.run(load_run_config(None, ["input.shards=[s3://web/cc/*.tar]", "output.path=s3://out/np", *common]))
