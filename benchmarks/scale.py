@@ -10,6 +10,8 @@ the orchestration and the commit bookkeeping, not a model. Printed:
 
 - per-commit driver overhead (result fetched -> committed in memory) over the first and the last
   1,000 commits, and their ratio (flat bookkeeping: <= 1.2);
+- each compaction: the shards committed so far, the records it wrote, its milliseconds (its
+  cost is that of the new records, not of every shard);
 - the old way, side by side: rewriting the whole manifest per commit (json of every record, as
   the driver did before records and compaction) at the size of the first and of the last commit;
 - peak driver RSS (this process; Ray's workers are other processes) and RSS after the first and
@@ -165,17 +167,23 @@ def main() -> None:
     committed = [0]
     sampler = RssAtCommits(lambda: committed[0])
     sampler.start()
-    original_add = Manifest.add
+    original_add, original_save = Manifest.add, Manifest.save
+    compactions: list[tuple[int, int, float]] = []    # (shards committed, records compacted, ms)
 
     def counting_add(self, record, stats):
         original_add(self, record, stats)
         committed[0] += 1
 
-    Manifest.add = counting_add
+    def timed_save(self, out):
+        new, t = self.uncompacted, time.perf_counter()
+        original_save(self, out)
+        compactions.append((committed[0], new, (time.perf_counter() - t) * 1000))
+
+    Manifest.add, Manifest.save = counting_add, timed_save
     t = time.perf_counter()
     summary = runner.run(cfg)
     run_s = time.perf_counter() - t
-    Manifest.add = original_add
+    Manifest.add, Manifest.save = original_add, original_save
     sampler.stop.set()
     sampler.join()
     assert summary.ok and summary.shards_done == n, summary.shards_failed
@@ -213,6 +221,8 @@ def main() -> None:
           f"{len(head.segments)} segments {segment_bytes / 1e6:.2f} MB")
     print(f"per-commit driver overhead: first {k} {first_ms:.3f} ms, last {k} {last_ms:.3f} ms, "
           f"ratio last/first {last_ms / first_ms:.2f}")
+    print("compactions during the run (shards committed: records compacted, ms): "
+          + ", ".join(f"{c}: {r}, {ms:.0f}" for c, r, ms in compactions))
     print(f"old way (whole manifest per commit), same records: at commit {k} {old_first:.1f} ms, "
           f"at commit {n} {old_last:.1f} ms, ratio {old_last / old_first:.1f}")
     print(f"driver RSS: after {k} commits {rss_first:.0f} MB, at commit {n - k} {rss_last:.0f} MB, "
