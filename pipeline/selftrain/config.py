@@ -48,6 +48,10 @@ class SelfTrainConfig:
     # paired bootstrap of the held-out images: resamples behind the noise of each difference
     noise_resamples: int = 50
     pseudo_weight: float = 1.0           # mixture weight of the pseudo source for the student
+    # 0: the pseudo samples take pseudo_weight's share of the student's batches (they replace gold
+    # samples); n > 0: n pseudo samples are added to every batch of batch_size gold samples, which
+    # are then exactly the control's (pseudo_weight unused)
+    pseudo_per_batch: int = 0
     # a caption phrase left without a box (> student_min_score): negative everywhere (official) or
     # ignored by the token loss
     unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE
@@ -70,6 +74,9 @@ class SelfTrainConfig:
             raise ValueError(f"rounds: expected >= 1, got {self.rounds}")
         if not 0.0 < self.rare_precision_target <= 1.0:
             raise ValueError(f"rare_precision_target: expected a fraction in (0, 1], got {self.rare_precision_target}")
+        if self.pseudo_per_batch < 0:
+            raise ValueError(f"pseudo_per_batch: expected >= 0 (0: pseudo samples share the batch by "
+                             f"pseudo_weight), got {self.pseudo_per_batch}")
         if self.noise_resamples < 0:
             raise ValueError(f"noise_resamples: expected >= 0 (0: none), got {self.noise_resamples}")
 

@@ -68,7 +68,8 @@ def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig,
                                               shards=[pseudo_shards],
                                               min_score=cfg.student_min_score if min_score is None else min_score,
                                               unlabelled_phrases=cfg.unlabelled_phrases, pack_captions=packing,
-                                              known_phrases=cfg.known_phrases, known_names=known)
+                                              known_phrases=cfg.known_phrases, known_names=known,
+                                              extra_per_batch=cfg.pseudo_per_batch)
     return sources
 
 

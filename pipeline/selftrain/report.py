@@ -150,9 +150,11 @@ def write_report(cfg: SelfTrainConfig, root: Path, extras: dict) -> str:
              "evaluation set, COCO-style AP ×100, grounding Recall@1 ×100).", ""]
     init = ("continue from the teacher's weights" if cfg.student_init is StudentInit.TEACHER
             else "start from the pretrained parts, as the teacher did")
+    mix = (f"{cfg.pseudo_per_batch} pseudo samples added to every batch of the control's gold samples"
+           if cfg.pseudo_per_batch else f"mixture weights 1 : 1 : {cfg.pseudo_weight:g}")
     lines += ["- teacher: round 1, trained on the detection + grounding sets; round k > 1, the student of round k − 1.",
               f"- student: the trainer settings on detection + grounding + the round teacher's pseudo-labelled web "
-              f"shards (mixture weights 1 : 1 : {cfg.pseudo_weight:g}; pseudo boxes scoring above the round's bar; "
+              f"shards ({mix}; pseudo boxes scoring above the round's bar; "
               f"phrases left without a box: {cfg.unlabelled_phrases.value}; boxes of phrases naming a "
               f"detection-set class: {cfg.known_phrases.value}); its steps {init}."]
     if cfg.control:

@@ -1,5 +1,6 @@
 """The student's mixture that ``pipeline selftrain`` builds: with ``known_phrases: ignore`` the pseudo
-source leaves out the boxes of the detection set's own categories (read from its annotations)."""
+source leaves out the boxes of the detection set's own categories (read from its annotations);
+with ``pseudo_per_batch: n`` its samples come in addition to the gold ones."""
 from __future__ import annotations
 
 import json
@@ -26,5 +27,9 @@ def test_known_phrases_ignore_names_the_detection_categories(tmp_path):
     official = _sources(world, str(tmp_path / "pseudo" / "*.tar"), load_selftrain_config(
         "configs/demo.yaml", [f"workdir={tmp_path}", "known_phrases=train"]), 0.3)["pseudo"]
     assert official.known_phrases is KnownPhrases.TRAIN and official.known_names == []
+    assert pseudo.extra_per_batch == cfg.pseudo_per_batch
+    added = _sources(world, str(tmp_path / "pseudo" / "*.tar"), load_selftrain_config(
+        "configs/demo.yaml", [f"workdir={tmp_path}", "pseudo_per_batch=2"]), 0.3)["pseudo"]
+    assert added.extra_per_batch == 2
     # the control's mixture has no pseudo source to filter
     assert list(_sources(world, None, cfg)) == ["detection", "grounding"]

@@ -45,6 +45,10 @@ class TrainSourceConfig:
     unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE   # pseudo: phrases left without a box
     known_phrases: KnownPhrases = KnownPhrases.TRAIN   # pseudo: phrases naming a class of known_names
     known_names: list[str] = field(default_factory=list)   # pseudo: the classes the gold sets label
+    # 0: the source takes its weight's share of each batch (its samples replace the others'); n > 0:
+    # n samples of it are added to every batch (n / workers per worker), beyond batch_size, and its
+    # weight is unused: the other sources' samples are then exactly those of a run without it
+    extra_per_batch: int = 0
     box_convention: BoxConvention = BoxConvention.LEGACY
     shuffle: bool = True                     # reshuffle every epoch (seeded)
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +79,9 @@ class TrainSourceConfig:
         if self.kind is not SourceKind.PSEUDO and (self.known_phrases is not KnownPhrases.TRAIN or self.known_names):
             raise ValueError(f"known_phrases and known_names apply to pseudo sources; a {self.kind.value} "
                              "source's labels are gold: remove the keys")
+        if self.extra_per_batch < 0:
+            raise ValueError(f"extra_per_batch must be >= 0 (0: the source shares the batch by weight), "
+                             f"got {self.extra_per_batch}")
         if self.known_phrases is KnownPhrases.IGNORE and not self.known_names:
             raise ValueError("known_phrases is ignore but known_names is empty: list the classes the gold "
                              "sets label, e.g. known_names=[circle, square], or set known_phrases=train")
@@ -111,8 +118,9 @@ class TrainDataConfig:
                 src.validate()
             except ValueError as exc:
                 raise ValueError(f"data.sources.{name}: {exc}") from None
-        if sum(s.weight for s in self.sources.values()) <= 0:
-            raise ValueError("data.sources: the weights sum to 0")
+        if sum(s.weight for s in self.sources.values() if not s.extra_per_batch) <= 0:
+            raise ValueError("data.sources: the weights of the sources that share the batch (extra_per_batch 0) "
+                             "sum to 0")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"data.flip_prob must be a probability, got {self.flip_prob}")
         if not 0.0 <= self.max_missing_image_fraction <= 1.0:

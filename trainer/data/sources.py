@@ -35,6 +35,11 @@ uninterrupted one would have. Samples that cannot be used (missing or undecodabl
 pseudo labels all screened out) are skipped and counted (``trainer.data.accounting``: per source,
 read = used + skipped by reason, and the boxes left out, clipped or screened).
 
+A source with ``extra_per_batch: n`` stays out of that mixture: its own stream adds n samples
+(n / world_size per worker) to every batch, their random choices drawn from
+``default_rng([seed, rank, its step, 1 + source number])``; the other sources' samples are then
+exactly those of a run without it (the student's gold samples are the control's).
+
 ``TrainStream.next_batch()`` returns ``collate``'s batch plus ``keys`` (``source/key``),
 ``sources`` and ``data_state`` (the position after this batch, what a checkpoint stores).
 ``BatchPrefetcher`` builds the next batches in a background thread.
@@ -216,10 +221,20 @@ class TrainStream:
         for number, (name, scfg) in enumerate(cfg.sources.items()):
             kind = _ShardSource if scfg.kind is SourceKind.PSEUDO else _IndexedSource
             self.sources[name] = kind(name, number, scfg, seed, rank, world_size, tokenizer, max_tokens)
+        shared = [n for n, s in cfg.sources.items() if not s.extra_per_batch]
         self.mixture = Mixture(
-            MixtureConfig(sources=[MixtureSource(n, s.weight) for n, s in cfg.sources.items()],
+            MixtureConfig(sources=[MixtureSource(n, cfg.sources[n].weight) for n in shared],
                           seed=_rank_seed(seed, rank)),
-            {name: src.factory for name, src in self.sources.items()})
+            {name: self.sources[name].factory for name in shared})
+        self.extra: dict[str, tuple[Mixture, int]] = {}      # name -> (its own stream, samples per batch)
+        for name, scfg in cfg.sources.items():
+            if scfg.extra_per_batch:
+                if scfg.extra_per_batch % world_size:
+                    raise ValueError(f"data.sources.{name}.extra_per_batch {scfg.extra_per_batch} is not "
+                                     f"divisible by {world_size} workers")
+                self.extra[name] = (Mixture(MixtureConfig(sources=[MixtureSource(name, 1.0)],
+                                                          seed=_rank_seed(seed, rank)),
+                                            {name: self.sources[name].factory}), scfg.extra_per_batch // world_size)
         self.transform = TrainTransform(model_cfg.input, TrainTransformConfig(flip_prob=cfg.flip_prob))
         self.counts = DataAccounting(cfg.max_missing_image_fraction, cfg.missing_image_min_read,
                                      roots={n: s.image_root for n, s in cfg.sources.items() if s.image_root})
@@ -228,13 +243,15 @@ class TrainStream:
                 if isinstance(src, _IndexedSource):
                     self.counts.add_file_stats(name, src.reader.stats)
 
-    def _example(self):
-        """The next usable example (skipping and counting unusable samples)."""
+    def _example(self, mixture: Mixture | None = None, salt: tuple[int, ...] = ()):
+        """The next usable example of ``mixture`` (default: the shared one), skipping and counting
+        unusable samples; ``salt`` keeps an extra source's random choices apart from the shared ones."""
+        mixture = self.mixture if mixture is None else mixture
         for _ in range(self.cfg.max_consecutive_skips):
-            step = self.mixture.step
-            name = self.mixture.source_at(step)
-            ref = next(self.mixture)
-            rng = np.random.default_rng([self.seed, self.rank, step])
+            step = mixture.step
+            name = mixture.source_at(step)
+            ref = next(mixture)
+            rng = np.random.default_rng([self.seed, self.rank, step, *salt])
             self.counts.add(name, "read")
             try:
                 sample = self.sources[name].materialize(ref, rng, lambda field, n=1: self.counts.add(name, field, n))
@@ -258,6 +275,9 @@ class TrainStream:
 
     def next_batch(self) -> dict:
         examples = [self._example() for _ in range(self.batch_size)]
+        for name, (mixture, n) in self.extra.items():
+            salt = (1 + list(self.sources).index(name),)
+            examples += [self._example(mixture, salt) for _ in range(n)]
         batch = collate(examples, self.tokenizer, self.model_cfg)
         batch["keys"] = [f"{ex.source}/{ex.key}" for ex in examples]
         batch["sources"] = [ex.source for ex in examples]
@@ -269,8 +289,11 @@ class TrainStream:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                "mixture": self.mixture.state_dict(), "counts": self.counts.state_dict()}
+        state = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                 "mixture": self.mixture.state_dict(), "counts": self.counts.state_dict()}
+        if self.extra:
+            state["extra"] = {name: mixture.state_dict() for name, (mixture, _) in self.extra.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -278,7 +301,12 @@ class TrainStream:
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
             raise ValueError(f"the data state belongs to worker {state['rank']} of {state['world_size']}, "
                              f"not {self.rank} of {self.world_size}")
+        if set(state.get("extra", {})) != set(self.extra):
+            raise ValueError(f"the data state has extra_per_batch sources {sorted(state.get('extra', {}))}, "
+                             f"this stream {sorted(self.extra)}; resume with the same data.sources")
         self.mixture.load_state_dict(state["mixture"])
+        for name, (mixture, _) in self.extra.items():
+            mixture.load_state_dict(state["extra"][name])
         self.counts.load_state_dict(state.get("counts", {}))
 
 
