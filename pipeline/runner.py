@@ -70,18 +70,33 @@ class RunSummary:
 
 
 @dataclass
+class Window:
+    """The first and the last ``keep`` values of a series, in bounded memory."""
+    keep: int = 1000
+    first: array = field(default_factory=lambda: array("d"))
+    last: deque = field(default_factory=deque)
+
+    def add(self, value: float) -> None:
+        if len(self.first) < self.keep:
+            self.first.append(value)
+        self.last.append(value)
+        if len(self.last) > self.keep:
+            self.last.popleft()
+
+
+@dataclass
 class Commits:
     """This run's commits in bounded memory: how many, when the first and the last landed
     (seconds since the run started), the samples read after the first (steady-state throughput
-    is ``read_after_first / (last_s - first_s)``), and the driver's seconds of bookkeeping per
-    commit (result fetched -> recorded) for the first and the last ``keep`` commits."""
-    keep: int = 1000
+    is ``read_after_first / (last_s - first_s)``), and the driver's seconds per commit for the
+    first and the last 1,000 commits: ``fetch_s`` getting the result from Ray (``ray.get``),
+    ``bookkeeping_s`` recording it (manifest, compaction, progress)."""
     count: int = 0
     first_s: float = 0.0
     last_s: float = 0.0
     read_after_first: int = 0
-    overhead_first_s: array = field(default_factory=lambda: array("d"))
-    overhead_last_s: deque = field(default_factory=deque)
+    fetch_s: Window = field(default_factory=Window)
+    bookkeeping_s: Window = field(default_factory=Window)
 
     def add(self, at_s: float, read: int) -> None:
         if self.count == 0:
@@ -90,13 +105,6 @@ class Commits:
             self.read_after_first += read
         self.count += 1
         self.last_s = at_s
-
-    def overhead(self, seconds: float) -> None:
-        if len(self.overhead_first_s) < self.keep:
-            self.overhead_first_s.append(seconds)
-        self.overhead_last_s.append(seconds)
-        if len(self.overhead_last_s) > self.keep:
-            self.overhead_last_s.popleft()
 
     @property
     def steady_rate(self) -> float:
@@ -298,7 +306,7 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
                 url, name, used = inflight.pop(ref)
                 for pool, slot in used:
                     pool.load[slot] -= 1
-                t_commit = time.perf_counter()
+                t_fetch = time.perf_counter()
                 try:
                     record, stats = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a failed shard must not stop the others
@@ -314,6 +322,8 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
                     log.error("shard %s failed and stays uncommitted: %s", name, summary.shards_failed[name])
                     bar.update(1)
                     continue
+                t_commit = time.perf_counter()
+                summary.commits.fetch_s.add(t_commit - t_fetch)
                 manifest.add(record, stats)
                 if (manifest.uncompacted >= cfg.output.compact_every_shards
                         or time.time() - last_compaction >= cfg.output.compact_every_s):
@@ -325,7 +335,7 @@ def _run_pending(cfg: RunConfig, pending: list[tuple[str, str]], manifest: Manif
                 kept += record.kept
                 bar.set_postfix(read=read, kept=kept, refresh=False)
                 bar.update(1)
-                summary.commits.overhead(time.perf_counter() - t_commit)
+                summary.commits.bookkeeping_s.add(time.perf_counter() - t_commit)
     finally:
         bar.close()
         for pool in pools:

@@ -189,8 +189,10 @@ def test_a_compaction_writes_the_new_records_and_a_head_that_does_not_grow(tmp_p
         assert sorted(written) == sorted([MANIFEST, segment])          # nothing older is rewritten
         assert sorted(json.loads(written[segment])["shards"]) == [f"{i:05d}" for i in range(start, start + 10)]
         sizes.append(len(written[MANIFEST]))
-    # 10, 20, 30 shards: the head grows by one segment's name per compaction, not per shard
-    assert [b - a for a, b in zip(sizes, sizes[1:])] == [len(json.dumps(segment_name(0))) + 1] * 2
+    # 10, 20, 30 shards: the head grows by one segment's name per compaction (its merged stats
+    # may gain a digit), not by the 20 records (> 4 kB) compacted in between
+    growth = sizes[2] - sizes[0] - 2 * (len(json.dumps(segment_name(0))) + 1)
+    assert abs(growth) < 200 and len(written[segment]) > 4000 / 2
     assert manifest.fresh == {}
 
 
@@ -216,13 +218,14 @@ def test_a_segment_written_just_before_a_kill_is_ignored_and_its_records_recover
 
 
 def test_commits_are_kept_in_bounded_memory():
-    from pipeline.runner import Commits
+    from pipeline.runner import Commits, Window
 
-    commits = Commits(keep=3)
+    commits = Commits()
     for i in range(10):
         commits.add(at_s=2.0 + i, read=5)
-        commits.overhead(i / 1000)
     assert commits.count == 10 and (commits.first_s, commits.last_s) == (2.0, 11.0)
-    assert commits.steady_rate == 9 * 5 / 9.0
-    assert list(commits.overhead_first_s) == [0.0, 0.001, 0.002] and list(commits.overhead_last_s) == [0.007, 0.008, 0.009]
-    assert Commits().steady_rate == 0.0
+    assert commits.steady_rate == 9 * 5 / 9.0 and Commits().steady_rate == 0.0
+    window = Window(keep=3)
+    for i in range(10):
+        window.add(i / 1000)
+    assert list(window.first) == [0.0, 0.001, 0.002] and list(window.last) == [0.007, 0.008, 0.009]
