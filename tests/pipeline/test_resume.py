@@ -37,6 +37,18 @@ def _commit(cfg, manifest, name):
     return record, stats
 
 
+def _compacted_then(cfg, compacted: int, newer: int):
+    """An output with ``compacted`` shards in one compaction and ``newer`` records after it."""
+    out = OutputDir(cfg.output.path)
+    manifest = open_output(out, cfg, []).manifest
+    for i in range(compacted):
+        _commit(cfg, manifest, f"{i:05d}")
+    manifest.save(out)
+    for i in range(compacted, compacted + newer):
+        _commit(cfg, manifest, f"{i:05d}")
+    return out, manifest
+
+
 class CountingOutput(OutputDir):
     """Counts what start-up asks the store for."""
     calls: dict = {}
@@ -74,13 +86,7 @@ def test_the_record_is_written_last_and_a_commit_writes_nothing_else(tmp_path, m
 
 def test_resume_lists_once_and_reads_only_records_newer_than_the_manifest(tmp_path):
     cfg = _cfg(tmp_path / "out")
-    out = OutputDir(cfg.output.path)
-    manifest = open_output(out, cfg, []).manifest
-    for i in range(40):
-        _commit(cfg, manifest, f"{i:05d}")
-    manifest.save(out)                                 # a compaction after 40 shards...
-    for i in range(40, 43):
-        _commit(cfg, manifest, f"{i:05d}")             # ...then 3 records, then a SIGKILL
+    _compacted_then(cfg, 40, 3)                         # a compaction, 3 records, then a SIGKILL
     CountingOutput.calls = {}
     state = open_output(CountingOutput(cfg.output.path), cfg, [])
     assert CountingOutput.calls == {"read:manifest": 1, "list": 1, "read:segment": 1, "read:record": 3}
@@ -97,12 +103,7 @@ def test_resume_lists_once_and_reads_only_records_newer_than_the_manifest(tmp_pa
 
 def test_a_compacted_shard_that_lost_a_file_is_redone_and_totals_rebuilt(tmp_path):
     cfg = _cfg(tmp_path / "out")
-    out = OutputDir(cfg.output.path)
-    manifest = open_output(out, cfg, []).manifest
-    for i in range(5):
-        _commit(cfg, manifest, f"{i:05d}")
-    manifest.save(out)
-    _commit(cfg, manifest, "00005")                   # a record newer than the compaction
+    out, _ = _compacted_then(cfg, 5, 1)               # 00005: a record newer than the compaction
     (tmp_path / "out" / "00003.parquet").unlink()
     state = open_output(out, cfg, [])
     assert state.redo == ["00003"] and state.recovered == ["00005"] and "00003" not in state.committed
@@ -198,13 +199,7 @@ def test_a_compaction_writes_the_new_records_and_a_head_that_does_not_grow(tmp_p
 
 def test_a_segment_written_just_before_a_kill_is_ignored_and_its_records_recovered(tmp_path):
     cfg = _cfg(tmp_path / "out")
-    out = OutputDir(cfg.output.path)
-    manifest = open_output(out, cfg, []).manifest
-    for i in range(3):
-        _commit(cfg, manifest, f"{i:05d}")
-    manifest.save(out)
-    for i in range(3, 5):
-        _commit(cfg, manifest, f"{i:05d}")
+    out, _ = _compacted_then(cfg, 3, 2)
     # the kill lands between the new segment and the head that would name it
     (tmp_path / "out" / segment_name(1)).write_text('{"shards": {"00003": {"files": {}, "read": 99}}}\n')
     stale = tmp_path / "out" / segment_name(7)          # as a rewrite killed before its clean-up leaves
