@@ -150,6 +150,9 @@ class Manifest:
     # name -> record as compact JSON, for the shards committed since the last compaction: all
     # the driver holds of the records
     fresh: dict[str, str] = field(default_factory=dict)
+    # version 2 kept every record in _manifest.json itself: they count as compacted until
+    # ``open_output`` rewrites them as a segment
+    inline: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, out: OutputDir) -> "Manifest | None":
@@ -157,14 +160,15 @@ class Manifest:
         data = out.read_json(MANIFEST, fix=_FIX)
         if data is None:
             return None
-        if data.get("version") != VERSION:
+        if data.get("version") not in (2, VERSION):
             raise StorageError(f"{out.url}/{MANIFEST} is version {data.get('version')} of the manifest; "
-                               f"this version of the pipeline resumes version {VERSION} only: choose a "
+                               f"this version of the pipeline resumes versions 2 and {VERSION}: choose a "
                                "new output.path (or delete the old output) and rerun")
         manifest = cls(config_sha256=data.get("config_sha256", ""), config=data.get("config", {}),
                        inputs=list(data.get("inputs", [])), stats=RunningStats(data.get("stats")),
                        extra=dict(data.get("extra", {})), totals={**_zero_totals(), **data.get("totals", {})},
-                       segments=list(data.get("segments", [])), next_segment=int(data.get("next_segment", 0)))
+                       segments=list(data.get("segments", [])), next_segment=int(data.get("next_segment", 0)),
+                       inline=dict(data.get("shards", {})))
         return manifest
 
     def compacted(self, out: OutputDir) -> dict[str, dict[str, Any]]:
@@ -176,7 +180,7 @@ class Manifest:
                                    f"changed by hand; {_FIX}")
             return data["shards"]
 
-        records: dict[str, dict[str, Any]] = {}
+        records: dict[str, dict[str, Any]] = dict(self.inline)
         if self.segments:
             with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(self.segments))) as pool:
                 for part in pool.map(one, self.segments):
@@ -224,7 +228,7 @@ class Manifest:
             for key in ("read", "kept", "dropped"):
                 self.totals[key] += int(record[key])
         old, self.segments, self.stats = self.segments, [], stats
-        self.fresh = merged
+        self.fresh, self.inline = merged, {}
         self.save(out)
         for name in old:
             out.remove(name)

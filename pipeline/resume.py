@@ -108,6 +108,8 @@ def open_output(out: OutputDir, cfg: RunConfig, inputs: list[str]) -> OutputStat
         for one in read_records(out, sorted([*compacted, *state.recovered])).values():
             stats.add(one)
         manifest.rewrite(out, compacted, stats)
+    elif manifest.inline:
+        manifest.rewrite(out, compacted, manifest.stats)     # a version-2 manifest, now segmented
     elif state.recovered:
         manifest.save(out)
     state.committed = set(compacted) | set(state.recovered)

@@ -224,3 +224,18 @@ def test_commits_are_kept_in_bounded_memory():
     for i in range(10):
         window.add(i / 1000)
     assert list(window.first) == [0.0, 0.001, 0.002] and list(window.last) == [0.007, 0.008, 0.009]
+
+
+def test_a_version_2_manifest_with_its_records_inline_is_resumed_and_segmented(tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    out, _ = _compacted_then(cfg, 3, 0)
+    old = read_manifest(out)                    # version 2 held the records in _manifest.json
+    for name in old.pop("segments"):
+        (tmp_path / "out" / name).unlink()
+    del old["next_segment"]
+    (tmp_path / "out" / MANIFEST).write_text(json.dumps({**old, "version": 2}))
+    state = open_output(out, cfg, [])
+    assert state.committed == {"00000", "00001", "00002"} and state.recovered == [] and state.redo == []
+    new = read_manifest(out)
+    assert new["version"] == 3 and new["segments"] == [segment_name(0)]
+    assert new["shards"] == old["shards"] and new["totals"] == old["totals"]
