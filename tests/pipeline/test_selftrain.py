@@ -21,6 +21,9 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
         # really reads pseudo labels in this short test
         "teacher_min_score=0.0", "student_min_score=0.0", "unlabelled_phrases=ignore", "pack_captions=2",
         "rounds=2", "noise_resamples=3",
+        # one pseudo sample added to every batch (demo.yaml's known_phrases: ignore skips the images
+        # whose phrases all name detection classes: with a weight, 3 steps may draw none left)
+        "pseudo_per_batch=1",
         # the bar read from the rare precision curve: no bar of a 3-step teacher reaches 100 %, so
         # the config's student_min_score (0.0) is used, and the report says why
         "score_bar=rare_precision", "rare_precision_target=1.0",
@@ -52,6 +55,17 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     keys = [k for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()
             for batch in json.loads(line).get("keys", []) for k in batch]
     assert any(k.startswith("pseudo/") for k in keys), keys
+    # pseudo_per_batch: every student batch is the control's batch plus one pseudo sample, and the
+    # pseudo boxes of the detection classes were left out (known_phrases: ignore)
+    def batches(name):
+        return [batch for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                for batch in json.loads(line).get("keys", [])]
+    student_batches, control_batches = batches("student"), batches("control")
+    assert len(student_batches) == len(control_batches) == 3
+    for s, c in zip(student_batches, control_batches):
+        assert s[:-1] == c and s[-1].startswith("pseudo/")
+    assert sources["pseudo"]["known_phrases"] == "ignore" and "circle" in sources["pseudo"]["known_names"]
+    assert student_summary["data"]["pseudo"]["boxes"]["known_class"] > 0
     assert (tmp_path / "loss.png").exists() and (tmp_path / "gallery" / "index.html").exists()
     # the pseudo labels are scored against the world's truth, and the report says so
     quality = json.loads((tmp_path / "results.json").read_text())["pseudo_quality"]
