@@ -18,22 +18,30 @@ it overlaps with IoU >= ``iou_threshold``. Per group (rare / common classes):
 ``score_bar_for_precision`` reads that curve: the lowest bar at which a group's precision reaches
 a target.
 
+``write_oracle_shards`` writes the other use of the truth: the round's pseudo-labelled shards
+with the teacher's boxes replaced by the true boxes of the objects each caption mentions (the
+``oracle`` of ``pipeline selftrain``: what perfect pseudo labels of the same images would add).
+
 Boxes: pseudo labels are ``xyxy`` in the legacy convention (x2 = x + w - 1), as the truth's
-``bbox`` ``[x, y, w, h]`` is converted here.
+``bbox`` ``[x, y, w, h]`` is converted here (the truth's ``box_convention``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from core.storage import Folder, expand_shards, join, open_input, shard_name
 from evaluation.grounding import box_iou
 from stages.readers.common import BoxConvention, xywh_to_xyxy
+from stages.readers.output import read_output_samples
 from stages.schema import Sample
+from stages.write import encode_shard
 
-__all__ = ["pseudo_label_quality", "load_truth", "score_bar_for_precision", "SCORE_BARS"]
+__all__ = ["pseudo_label_quality", "load_truth", "score_bar_for_precision", "write_oracle_shards", "SCORE_BARS"]
 
 # the bars of the precision-by-score curve (the teacher stores boxes from its own min_score up)
 SCORE_BARS = (0.0, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
@@ -118,3 +126,43 @@ def score_bar_for_precision(quality: dict, target: float, group: str = "rare", f
         return None, f"fewer than {min_boxes} {group} boxes above every bar >= {floor:g}"
     return None, (f"no bar reaches {100 * target:.0f} % {group} precision; the best is "
                   f"{100 * (best['above'][group]['precision'] or 0):.1f} % above {best['bar']:g}")
+
+
+def write_oracle_shards(pseudo_shards_dir: str | Path, truth_path: str | Path, out_dir: str | Path) -> dict:
+    """Every ``*.tar`` of ``pseudo_shards_dir`` (output shards, ``stages.write`` format) rewritten
+    under ``out_dir`` with the same name, samples, keys, images and phrases, each record's
+    ``boxes`` / ``tokens_positive`` / ``scores`` replaced by the true boxes (``xyxy`` in the
+    truth's ``box_convention``, the frame of the pseudo boxes) of the objects its caption mentions,
+    each with its mention span and score 1.0, and ``labeler`` = ``{"model": "oracle", ...,
+    "teacher": the replaced labeler}``. The tars alone: what a pseudo training source reads.
+    Returns ``{"shards", "samples", "boxes", "teacher_boxes"}``. Raises KeyError for a sample that
+    is not a web image of the truth's world, ValueError when its caption differs from the truth's."""
+    data = json.loads(Path(truth_path).read_text())
+    convention = BoxConvention(data["box_convention"])
+    truth = {(s["shard"], s["key"]): s for s in data["samples"]}
+    out = Folder(str(out_dir))
+    counts = {"shards": 0, "samples": 0, "boxes": 0, "teacher_boxes": 0}
+    for url in expand_shards([join(str(pseudo_shards_dir), "*.tar")], where="pseudo shards",
+                             fix="pseudo-label the web shards first"):
+        samples = []
+        with open_input(url) as fh:
+            for sample in read_output_samples(fh, name=url):
+                said = truth.get((sample.input_shard, sample.key))
+                if said is None:
+                    raise KeyError(f"pseudo label {sample.input_shard}/{sample.key} is not a web image of the "
+                                   f"world of {truth_path}")
+                if said["caption"] != sample.caption:
+                    raise ValueError(f"{url}: {sample.key}: caption {sample.caption!r:.60} differs from the "
+                                     f"truth's {said['caption']!r:.60}: the spans of {truth_path} do not apply")
+                objects = [o for o in said["objects"] if o.get("mentioned") and o.get("span")]
+                counts["teacher_boxes"] += len(sample.boxes)
+                samples.append(dataclasses.replace(
+                    sample, boxes=[xywh_to_xyxy(o["bbox"], convention) for o in objects],
+                    tokens_positive=[[list(o["span"])] for o in objects], scores=[1.0] * len(objects),
+                    labeler={"model": "oracle", "truth": Path(truth_path).name,
+                             "box_convention": convention.value, "teacher": sample.labeler}))
+                counts["samples"] += 1
+                counts["boxes"] += len(objects)
+        out.write_bytes(f"{shard_name(url)}.tar", encode_shard(samples))
+        counts["shards"] += 1
+    return counts
