@@ -38,6 +38,10 @@ class SelfTrainConfig:
     # the control: the student's recipe (init, steps, seed) without the pseudo source, so that
     # student - control is what the pseudo labels add and not what more steps add
     control: bool = True
+    # the oracle: the student's recipe (init, steps, mixture, bar) on the same pseudo-labelled web
+    # images carrying the world's true boxes instead of the teacher's (synth.truth.write_oracle_shards):
+    # the most pseudo labels could add in this budget; one more student training
+    oracle: bool = False
     teacher_min_score: float = 0.3       # stages.pseudo_label.min_score: boxes stored (with their scores)
     student_min_score: float = 0.4       # the student reads pseudo boxes scoring above this
     score_bar: ScoreBar = ScoreBar.FIXED

@@ -4,8 +4,9 @@
            ->  train the student on detection + grounding + pseudo shards
            ->  evaluate teacher and student on the held-out set  ->  REPORT.md
 
-with a control (the student without the pseudo source) and, with ``rounds=N``, the student of
-round k as the teacher of round k + 1. The student's score bar is fixed or read from the
+with a control (the student without the pseudo source), with ``oracle: true`` an oracle (the
+student on the same web images carrying the world's true boxes) and, with ``rounds=N``, the
+student of round k as the teacher of round k + 1. The student's score bar is fixed or read from the
 teacher's rare precision-by-score curve (``ScoreBar``); the paired bootstrap of the held-out
 images (``pipeline.selftrain.noise``) gives the noise of every difference.
 
@@ -132,6 +133,19 @@ def _evaluate(cfg: SelfTrainConfig, world, name: str, checkpoint: str, out: Path
     return metrics
 
 
+def _oracle_shards(world, here: Path) -> dict:
+    """The round's pseudo shards with the world's true boxes (``synth.truth.write_oracle_shards``)
+    in ``here/oracle_pseudo``; ``oracle_counts.json``, written last, marks them complete."""
+    from synth.truth import write_oracle_shards
+
+    done = here / "oracle_pseudo" / "oracle_counts.json"
+    if done.exists():
+        return {**json.loads(done.read_text()), "reused": True}
+    counts = write_oracle_shards(here / "pseudo", Path(world.root) / "web_truth.json", here / "oracle_pseudo")
+    done.write_text(json.dumps(counts, indent=2))
+    return counts
+
+
 def _model(summary: dict) -> str:
     return summary.get("model_ema") or summary["model"]
 
@@ -152,8 +166,8 @@ def _score_bar(cfg: SelfTrainConfig, quality: dict | None) -> tuple[float, str]:
 
 def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, reused: set) -> dict:
     """Round ``k``: label the web shards with ``teacher`` ({"model", "eval_dir", "name"}), choose
-    the bar, train the control and the student from it, evaluate them. Round 1 lives in the
-    workdir itself, round k > 1 in ``round{k}/``."""
+    the bar, train the control, the student (and the oracle) from it, evaluate them. Round 1 lives
+    in the workdir itself, round k > 1 in ``round{k}/``."""
     from model.load import sha256_path
 
     root = Path(cfg.workdir)
@@ -172,9 +186,14 @@ def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, re
     quality = pseudo_quality(world, here / "pseudo")
     bar, why = _score_bar(cfg, quality)
     init_from = teacher["model"] if cfg.student_init is StudentInit.TEACHER else None
-    models = {}
-    for name in (["control"] if cfg.control else []) + ["student"]:
-        pseudo = str(here / "pseudo" / "*.tar") if name == "student" else None
+    models, oracle = {}, None
+    shards = {"student": here / "pseudo", "oracle": here / "oracle_pseudo"}
+    for name in (["control"] if cfg.control else []) + ["student"] + (["oracle"] if cfg.oracle else []):
+        if name == "oracle":
+            oracle = timed("oracle shards", _oracle_shards, world, here)
+            if oracle.get("reused"):
+                reused.add("oracle shards" + tag)
+        pseudo = str(shards[name] / "*.tar") if name in shards else None
         summary = timed(f"train {name}", _train, cfg, name, here / name, _sources(world, pseudo, cfg, bar),
                         cfg.student_overrides, init_from)
         if summary.get("reused"):
@@ -195,12 +214,13 @@ def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, re
     if cfg.noise_resamples:
         from pipeline.selftrain.noise import paired_bootstrap
         pairs = [("student", b) for b in ("control", "teacher") if b in results]
+        pairs += [("oracle", "control")] if "oracle" in results and "control" in results else []
         noise = timed("evaluation noise", paired_bootstrap, world.eval_annotations, predictions, pairs,
                       cfg.noise_resamples, cfg.seed)
     lineage = {"teacher": {"model": teacher["model"], "sha256": sha256_path(teacher["model"])},
                **{n: {"model": m, "sha256": sha256_path(m), "init_from": init_from} for n, m in models.items()}}
     return {"round": k, "dir": str(here), "results": results, "label": label.totals, "quality": quality,
-            "score_bar": bar, "score_bar_why": why, "noise": noise, "lineage": lineage,
+            "score_bar": bar, "score_bar_why": why, "noise": noise, "lineage": lineage, "oracle_shards": oracle,
             "student_model": models["student"], "student_eval_dir": here / "eval"}
 
 
@@ -233,7 +253,7 @@ def selftrain(cfg: SelfTrainConfig) -> dict:
     for r in rounds:
         here = Path(r["dir"])
         runs.update({f"{n}{'' if r['round'] == 1 else ' r%d' % r['round']}": (here / n, offset)
-                     for n in ("control", "student") if (here / n).exists()})
+                     for n in ("control", "student", "oracle") if (here / n).exists()})
         offset += json.loads((here / "student" / "train_summary.json").read_text()).get("step", 0)
     extras = {"timings": timings, "reused": reused, "rounds": rounds}
     extras["loss_plot"] = loss_plot(runs, root / "loss.png")
@@ -243,7 +263,8 @@ def selftrain(cfg: SelfTrainConfig) -> dict:
     report = stats(str(root / "pseudo"), plot_dir=str(root / "plots"))
     extras["stats_plots"] = [str(Path("plots") / Path(p).name) for p in report.plots]
     (root / "REPORT.md").write_text(write_report(cfg, root, extras))
-    keep = ("round", "results", "label", "quality", "score_bar", "score_bar_why", "noise", "lineage")
+    keep = ("round", "results", "label", "quality", "score_bar", "score_bar_why", "noise", "lineage",
+            "oracle_shards")
     out = {"config": to_dict(cfg), "results": rounds[0]["results"], "pseudo_quality": rounds[0]["quality"],
            "rounds": [{k: r[k] for k in keep} for r in rounds], "timings": timings,
            "report": str(root / "REPORT.md")}

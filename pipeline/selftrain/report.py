@@ -114,19 +114,27 @@ def _verdict(results: dict, base: str) -> str:
 def _round_lines(cfg: SelfTrainConfig, r: dict) -> list[str]:
     results, noise = r["results"], (r.get("noise") or {})
     models = list(results)
-    bases = [m for m in ("teacher", "control") if m in results]
+    # the differences shown: student − teacher, student − control (and oracle − control)
+    diffs = [("student", m) for m in ("teacher", "control") if m in results]
+    diffs += [("oracle", "control")] if "oracle" in results and "control" in results else []
+    bases = [b for a, b in diffs if a == "student"]
     lines = [f"## Round {r['round']}", "",
-             "| metric | " + " | ".join(models) + " | " + " | ".join(f"student − {b}" for b in bases) + " |",
-             "|---" * (1 + len(models) + len(bases)) + "|"]
+             "| metric | " + " | ".join(models) + " | " + " | ".join(f"{a} − {b}" for a, b in diffs) + " |",
+             "|---" * (1 + len(models) + len(diffs)) + "|"]
     for label, key, values in _metric_rows(results):
-        cells = [_diff(values["student"], values[b], (noise.get("pairs", {}).get(f"student - {b}") or {}).get(key)
-                       if key else None) for b in bases]
+        cells = [_diff(values[a], values[b], (noise.get("pairs", {}).get(f"{a} - {b}") or {}).get(key)
+                       if key else None) for a, b in diffs]
         lines.append(f"| {label} | " + " | ".join(_fmt(values[m]) for m in models) + " | " + " | ".join(cells) + " |")
     if noise:
         lines += ["", f"(± x: the standard deviation of that difference over {noise['resamples']} paired bootstrap "
                       f"resamples of the {noise['images']} held-out images, every model scored on the same draw: "
                       "the evaluation noise to read the difference against.)"]
     lines += [""] + [_verdict(results, b) for b in bases] + [""]
+    if r.get("oracle_shards"):
+        o = r["oracle_shards"]
+        lines += [f"Oracle shards: the {o['samples']} pseudo-labelled web images of this round with "
+                  f"{o['boxes']} true boxes (the teacher stored {o['teacher_boxes']} boxes scoring ≥ "
+                  f"{cfg.teacher_min_score} on them).", ""]
     lines += ["Lineage (sha256 of each checkpoint folder):", "", "| model | checkpoint | sha256 |", "|---|---|---|"]
     lines += [f"| {name} | `{node['model']}` | `{node['sha256'][:16]}` |" for name, node in r["lineage"].items()]
     label = r["label"]
@@ -160,6 +168,10 @@ def write_report(cfg: SelfTrainConfig, root: Path, extras: dict) -> str:
     if cfg.control:
         lines.append("- control: the student exactly (same initialisation, steps, seed) but without the pseudo "
                      "source, so student − control is what the pseudo labels add, not what more steps add.")
+    if cfg.oracle:
+        lines.append("- oracle: the student trained on the world's true boxes of the same web images instead of "
+                     "the teacher's pseudo labels (same steps, mixture and bar): the most pseudo labels could add "
+                     "in this budget.")
     lines.append("")
     if len(rounds) > 1:
         lines += ["| round | teacher AP | control AP | student AP | teacher APr | control APr | student APr |",

@@ -21,6 +21,8 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
         # really reads pseudo labels in this short test
         "teacher_min_score=0.0", "student_min_score=0.0", "unlabelled_phrases=ignore", "pack_captions=2",
         "rounds=2", "noise_resamples=3",
+        # the oracle: the student's recipe on the web images' true boxes (synth.truth.write_oracle_shards)
+        "oracle=true",
         # one pseudo sample added to every batch (demo.yaml's known_phrases: ignore skips the images
         # whose phrases all name detection classes: with a weight, 3 steps may draw none left)
         "pseudo_per_batch=1",
@@ -31,8 +33,8 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     selftrain(cfg)
     report = (tmp_path / "REPORT.md").read_text()
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert list(results) == ["teacher", "control", "student"]
-    for model in ("teacher", "control", "student"):
+    assert list(results) == ["teacher", "control", "student", "oracle"]
+    for model in ("teacher", "control", "student", "oracle"):
         ap = results[model]["detection"]["AP"]
         assert ap is not None and 0.0 <= ap <= 1.0
         assert f"{100 * ap:.1f}" in report
@@ -66,6 +68,20 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
         assert s[:-1] == c and s[-1].startswith("pseudo/")
     assert sources["pseudo"]["known_phrases"] == "ignore" and "circle" in sources["pseudo"]["known_names"]
     assert student_summary["data"]["pseudo"]["boxes"]["known_class"] > 0
+    # the oracle: the student's recipe (init, steps, mixture, bar) reading the true-box shards
+    oracle = json.loads((tmp_path / "oracle" / "train_config.json").read_text())
+    student = json.loads((tmp_path / "student" / "train_config.json").read_text())
+    assert oracle["data"]["sources"]["pseudo"]["shards"] == [str(tmp_path / "oracle_pseudo" / "*.tar")]
+    assert oracle["data"]["sources"]["pseudo"]["min_score"] == sources["pseudo"]["min_score"]
+    assert oracle["init_checkpoint"] == student["init_checkpoint"] and oracle["max_iter"] == student["max_iter"] == 3
+    oracle_batches = batches("oracle")
+    assert len(oracle_batches) == 3 and all(batch[-1].startswith("pseudo/") for batch in oracle_batches)
+    from pipeline.storage import iter_output_samples
+    assert next(iter(iter_output_samples(str(next((tmp_path / "oracle_pseudo").glob("*.tar")))))).labeler["model"] == "oracle"
+    assert re.search(r"\| metric \| teacher \| control \| student \| oracle \|.*\| oracle − control \|", report)
+    assert "- oracle: the student trained on the world's true boxes" in report
+    noise = json.loads((tmp_path / "results.json").read_text())["rounds"][0]["noise"]["pairs"]
+    assert noise["oracle - control"]["AP"]["sd"] >= 0
     assert (tmp_path / "loss.png").exists() and (tmp_path / "gallery" / "index.html").exists()
     # the pseudo labels are scored against the world's truth, and the report says so
     quality = json.loads((tmp_path / "results.json").read_text())["pseudo_quality"]
@@ -83,7 +99,6 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     for name in ("student", "control"):
         config = json.loads((tmp_path / "round2" / name / "train_config.json").read_text())
         assert config["init_checkpoint"] == one["student"]["model"]
-    from pipeline.storage import iter_output_samples
     labeler = next(iter(iter_output_samples(sorted(str(p) for p in (tmp_path / "round2" / "pseudo").glob("*.tar")))))
     assert labeler.labeler["checkpoint_sha256"] == one["student"]["sha256"]
     assert rounds[1]["results"]["teacher"]["detection"]["AP"] == rounds[0]["results"]["student"]["detection"]["AP"]
@@ -102,5 +117,6 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     rerun_report = (tmp_path / "REPORT.md").read_text()
     for step in ("world", "train teacher", "pseudo-label web shards", "train control", "train student",
                  "evaluate teacher", "evaluate control", "evaluate student",
-                 "pseudo-label web shards (round 2)", "train student (round 2)", "evaluate student (round 2)"):
+                 "pseudo-label web shards (round 2)", "train student (round 2)", "evaluate student (round 2)",
+                 "oracle shards", "train oracle", "evaluate oracle", "train oracle (round 2)"):
         assert re.search(rf"- {re.escape(step)}: \d+ s \(output of an earlier run, reused\)", rerun_report), step
