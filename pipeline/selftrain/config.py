@@ -40,7 +40,7 @@ class SelfTrainConfig:
     control: bool = True
     # the oracle: the student's recipe (init, steps, mixture, bar) on the same pseudo-labelled web
     # images carrying the world's true boxes instead of the teacher's (synth.truth.write_oracle_shards):
-    # the most pseudo labels could add in this budget; one more student training
+    # what perfect pseudo labels add in this budget; one more student training
     oracle: bool = False
     teacher_min_score: float = 0.3       # stages.pseudo_label.min_score: boxes stored (with their scores)
     student_min_score: float = 0.4       # the student reads pseudo boxes scoring above this

@@ -170,7 +170,7 @@ def write_report(cfg: SelfTrainConfig, root: Path, extras: dict) -> str:
                      "source, so student − control is what the pseudo labels add, not what more steps add.")
     if cfg.oracle:
         lines.append("- oracle: the student trained on the world's true boxes of the same web images instead of "
-                     "the teacher's pseudo labels (same steps, mixture and bar): the most pseudo labels could add "
+                     "the teacher's pseudo labels (same steps, mixture and bar): what perfect pseudo labels add "
                      "in this budget.")
     lines.append("")
     if len(rounds) > 1:
