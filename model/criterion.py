@@ -20,6 +20,11 @@ Losses, for a batch of B images, N anchors, T tokens:
   be masked out and no NoObj target is set: both paddings give the official loss.
   A target may carry ``ignore_tokens`` [T] bool: those tokens take no token loss in that image
   (a pseudo caption's phrases the teacher found no box for; not in the official code).
+* A target may carry ``ignore_regions`` [K, 4] xyxy: objects known to be there but not labelled
+  (a pseudo caption's boxes of classes the gold sets label, left out of the targets). ATSS
+  assigns over the boxes and the regions together; an anchor it gives a region takes no loss at
+  all (no token loss for any token, not a positive, not counted in ``num_pos_avg``), so the
+  object is taught neither as its phrase nor as background (not in the official code).
 * ``loss_reg``: GIoU loss (1 - GIoU, official form without ``+1``) between the decoded
   predictions of the positive anchors and their boxes, weighted by the centerness target,
   summed, / (sum of centerness targets, averaged over workers). The box is taken as the
@@ -176,9 +181,13 @@ class GLIPCriterion(nn.Module):
             if ignore is not None and tuple(ignore.shape) != (t,):
                 raise ValueError(f"image {i}: ignore_tokens has shape {tuple(ignore.shape)}, expected [{t}] "
                                  "(one flag per token of the logits)")
+            regions = tgt.get("ignore_regions")
+            if regions is not None and (regions.ndim != 2 or regions.shape[1] != 4):
+                raise ValueError(f"image {i}: ignore_regions has shape {tuple(regions.shape)}, expected [K, 4]")
 
         boxes, valid = pad_boxes([tgt["boxes"].to(device) for tgt in targets])       # [B, G, 4]
-        matched = atss_assign([an.to(device) for an in outputs["anchors"]], boxes, valid, self.topk)
+        matched, ignored = self._assign_with_regions([an.to(device) for an in outputs["anchors"]], targets,
+                                                     boxes, valid, device)
         maps = torch.zeros(b, boxes.shape[1], t, device=device)
         for i, tgt in enumerate(targets):
             maps[i, : tgt["positive_map"].shape[0]] = tgt["positive_map"].to(device=device, dtype=torch.float32)
@@ -195,6 +204,8 @@ class GLIPCriterion(nn.Module):
         for i, tgt in enumerate(targets):
             if tgt.get("ignore_tokens") is not None:
                 real[i, 0] &= ~tgt["ignore_tokens"].to(device=device, dtype=torch.bool)
+        if ignored is not None:
+            real = real & ~ignored[..., None]                                        # [B, N, T]
         loss_token = torch.where(real, focal, torch.zeros_like(focal)).sum() / num_pos_avg
 
         # box losses over the positive anchors
@@ -210,6 +221,22 @@ class GLIPCriterion(nn.Module):
         loss_ctr = F.binary_cross_entropy_with_logits(centerness[img_idx, anchor_idx], ctr_targets,
                                                       reduction="sum") / num_pos_avg
         return {"loss_token": loss_token, "loss_reg": loss_reg, "loss_centerness": loss_ctr}
+
+    def _assign_with_regions(self, anchors: list[torch.Tensor], targets: Sequence[Mapping], boxes: torch.Tensor,
+                             valid: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ATSS over each image's boxes, or over its boxes then its ``ignore_regions`` -> matched
+        [B, N] (box index or -1; an anchor given a region is -1) and ignored [B, N] bool (None
+        when no image has a region)."""
+        regions = [tgt.get("ignore_regions") for tgt in targets]
+        if not any(r is not None and r.shape[0] for r in regions):
+            return atss_assign(anchors, boxes, valid, self.topk), None
+        both, both_valid = pad_boxes([torch.cat([tgt["boxes"].to(device), r.to(device, torch.float32)])
+                                      if r is not None else tgt["boxes"].to(device)
+                                      for tgt, r in zip(targets, regions)])
+        index = atss_assign(anchors, both, both_valid, self.topk)
+        counts = torch.tensor([tgt["boxes"].shape[0] for tgt in targets], device=device)[:, None]
+        ignored = index >= counts
+        return torch.where(ignored, torch.full_like(index, -1), index), ignored
 
 
 def _scale_vector(scale) -> torch.Tensor:

@@ -56,16 +56,26 @@ class SelfTrainConfig:
     # samples); n > 0: n pseudo samples are added to every batch of batch_size gold samples, which
     # are then exactly the control's (pseudo_weight unused)
     pseudo_per_batch: int = 0
+    # null: the pseudo samples share the batch's loss (normalised by all its positives, so they
+    # dilute the gold samples' gradient); a number (pseudo_per_batch > 0): their loss is normalised
+    # by their own positives and added x this weight, the gold samples' loss is the control's
+    pseudo_loss_weight: float | None = None
     # a caption phrase left without a box (> student_min_score): negative everywhere (official) or
     # ignored by the token loss
     unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE
     # a pseudo box whose phrase names a class of the detection set (its categories): trained on
     # (train, official) or dropped with its tokens ignored (ignore: the web shards teach only the
-    # words the detection set never names; the detection set teaches its own classes, cleanly)
+    # words the detection set never names; the detection set teaches its own classes, cleanly), or
+    # dropped with its tokens ignored and its box an ignore region (ignore_region: the anchors there
+    # take no loss, so the object is not taught as background either)
     known_phrases: KnownPhrases = KnownPhrases.TRAIN
     # grounding and pseudo captions: up to this many other captions packed around each as
     # negatives (official GoldG recipe, pack_random_caption_number); 0 = the caption alone
     pack_captions: int = 0
+    # a pseudo-labelled image whose boxes ground more than this many phrases naming no detection-set
+    # class has those boxes dropped (tokens ignored): with one new word beside known ones the
+    # teacher's box for it is an educated guess; with several, a guess among them. 0 = no limit
+    max_novel_phrases: int = 0
     label_overrides: list[str] = field(default_factory=list)   # `pipeline run` key=value
     eval_batch_size: int = 8
     device: Device = Device.AUTO         # training and evaluation (pseudo-labelling: GPU actors when Ray has GPUs)
@@ -81,6 +91,12 @@ class SelfTrainConfig:
         if self.pseudo_per_batch < 0:
             raise ValueError(f"pseudo_per_batch: expected >= 0 (0: pseudo samples share the batch by "
                              f"pseudo_weight), got {self.pseudo_per_batch}")
+        if self.pseudo_loss_weight is not None and (self.pseudo_loss_weight < 0 or not self.pseudo_per_batch):
+            raise ValueError(f"pseudo_loss_weight: expected >= 0 with pseudo_per_batch > 0 (null: the pseudo "
+                             f"samples share the batch's loss), got {self.pseudo_loss_weight} with "
+                             f"pseudo_per_batch {self.pseudo_per_batch}")
+        if self.max_novel_phrases < 0:
+            raise ValueError(f"max_novel_phrases: expected >= 0 (0: no limit), got {self.max_novel_phrases}")
         if self.noise_resamples < 0:
             raise ValueError(f"noise_resamples: expected >= 0 (0: none), got {self.noise_resamples}")
 

@@ -64,13 +64,15 @@ def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig,
     }
     if pseudo_shards:
         known = ([c["name"] for c in json.loads(Path(world.detection_annotations).read_text())["categories"]]
-                 if cfg.known_phrases is KnownPhrases.IGNORE else [])
+                 if cfg.known_phrases is not KnownPhrases.TRAIN or cfg.max_novel_phrases else [])
         sources["pseudo"] = TrainSourceConfig(kind=SourceKind.PSEUDO, weight=cfg.pseudo_weight,
                                               shards=[pseudo_shards],
                                               min_score=cfg.student_min_score if min_score is None else min_score,
                                               unlabelled_phrases=cfg.unlabelled_phrases, pack_captions=packing,
                                               known_phrases=cfg.known_phrases, known_names=known,
-                                              extra_per_batch=cfg.pseudo_per_batch)
+                                              extra_per_batch=cfg.pseudo_per_batch,
+                                              loss_weight=cfg.pseudo_loss_weight,
+                                              max_novel_phrases=cfg.max_novel_phrases)
     return sources
 
 

@@ -199,6 +199,35 @@ def test_ignored_tokens_take_no_token_loss_in_their_image_only():
                        {"boxes": gts[1], "positive_map": pms[1]}], text_mask)
 
 
+def test_an_ignore_region_takes_its_anchors_out_of_every_loss():
+    """ignore_regions: the anchor ATSS gives the region is neither positive nor negative for any
+    token; the labelled box's losses and the positive count are those of the batch without it."""
+    t = 6
+    outputs = make_outputs(batch=2, tokens=t, seed=4)
+    text_mask = torch.ones(2, t, dtype=torch.long)
+    box, region = torch.tensor([[10.0, 10, 19, 19]]), torch.tensor([[20.0, 20, 29, 29]])   # anchors 4 and 8
+    pm = torch.zeros(1, t)
+    pm[0, 1] = 1
+    crit = GLIPCriterion(LossConfig())
+    targets = [{"boxes": box, "positive_map": pm, "ignore_regions": region},
+               {"boxes": torch.zeros(0, 4), "positive_map": torch.zeros(0, t), "ignore_regions": region}]
+    plain = [{"boxes": box, "positive_map": pm}, {"boxes": torch.zeros(0, 4), "positive_map": torch.zeros(0, t)}]
+    with_region, without = crit(outputs, targets, text_mask), crit(outputs, plain, text_mask)
+    assert with_region["loss_reg"].item() == pytest.approx(without["loss_reg"].item(), rel=1e-6)
+    assert with_region["loss_centerness"].item() == pytest.approx(without["loss_centerness"].item(), rel=1e-6)
+    # the token loss loses exactly anchor 8's negative terms in both images (one positive: / 1)
+    anchor8 = focal_direct(outputs["token_logits"][0][:, 8], torch.zeros(2, t)).sum().item()
+    assert with_region["loss_token"].item() == pytest.approx(without["loss_token"].item() - anchor8, rel=1e-5)
+    logits = outputs["token_logits"][0].detach().requires_grad_(True)
+    crit(dict(outputs, token_logits=[logits]), targets, text_mask)["loss_token"].backward()
+    assert not logits.grad[:, 8].any() and logits.grad[:, :8].abs().sum() > 0
+    # an empty region list is no region; a region of the wrong shape is refused
+    empty = [dict(plain[0], ignore_regions=torch.zeros(0, 4)), plain[1]]
+    assert crit(outputs, empty, text_mask)["loss_token"].item() == pytest.approx(without["loss_token"].item())
+    with pytest.raises(ValueError, match="ignore_regions has shape"):
+        crit(outputs, [dict(plain[0], ignore_regions=torch.zeros(4)), plain[1]], text_mask)
+
+
 def test_box_whose_spans_map_to_no_token_keeps_its_box_losses():
     t = 5
     outputs = make_outputs(batch=1, tokens=t, seed=2)

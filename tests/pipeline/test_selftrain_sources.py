@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from core.config import load, validate_tree
+import pytest
+
+from core.config import ConfigError, load, validate_tree
 from pipeline.selftrain import load_selftrain_config
 from pipeline.selftrain.loop import _sources
 from synth.config import WorldConfig
@@ -31,5 +33,14 @@ def test_known_phrases_ignore_names_the_detection_categories(tmp_path):
     added = _sources(world, str(tmp_path / "pseudo" / "*.tar"), load_selftrain_config(
         "configs/demo.yaml", [f"workdir={tmp_path}", "pseudo_per_batch=2"]), 0.3)["pseudo"]
     assert added.extra_per_batch == 2
+    # pseudo_loss_weight: the pseudo samples a loss group of their own (trainer.step); it needs
+    # them added to every batch
+    weighted = _sources(world, str(tmp_path / "pseudo" / "*.tar"), load_selftrain_config(
+        "configs/demo.yaml", [f"workdir={tmp_path}", "pseudo_per_batch=2", "pseudo_loss_weight=0.5"]), 0.3)["pseudo"]
+    assert weighted.loss_weight == 0.5 and weighted.extra_per_batch == 2
+    validate_tree(weighted)
+    with pytest.raises(ConfigError, match="pseudo_loss_weight: expected >= 0 with pseudo_per_batch > 0"):
+        load_selftrain_config("configs/demo.yaml", [f"workdir={tmp_path}", "pseudo_per_batch=0",
+                                                    "pseudo_loss_weight=1.0"])
     # the control's mixture has no pseudo source to filter
     assert list(_sources(world, None, cfg)) == ["detection", "grounding"]

@@ -219,6 +219,25 @@ def test_train_step_updates_and_guards(mixture, tiny_random, tmp_path):
     assert result.overflow == (scaler.get_scale() < 2.0 ** 4)
 
 
+def test_train_step_with_a_loss_weighted_source(mixture, tiny_random, tmp_path):
+    """data.sources.cc.loss_weight: the pseudo images are a loss group of their own (logged as
+    cc/loss_*), the total = the gold images' total + 0.5 x theirs; the key needs extra_per_batch."""
+    torch.manual_seed(0)
+    model = tiny_random
+    cfg = train_config(mixture, tmp_path, "data.sources.cc.extra_per_batch=1", "data.sources.cc.loss_weight=0.5")
+    batch = TrainStream(cfg.data, model.cfg, model.tokenizer, batch_size=2, seed=0).next_batch()
+    assert batch["sources"][-1] == "cc" and "cc" not in batch["sources"][:2]
+    criterion = GLIPCriterion(model.cfg.loss)
+    optimizer = make_optimizer(param_groups(model, cfg))
+    result = train_step(model, criterion, optimizer, batch, step=3, cfg=cfg, device=torch.device("cpu"))
+    assert result.status is StepStatus.OK and result.images == 3
+    gold = sum(result.losses[k] * w for k, w in criterion.weight_dict.items())
+    pseudo = sum(result.losses[f"cc/{k}"] * w for k, w in criterion.weight_dict.items())
+    assert result.loss == pytest.approx(gold + 0.5 * pseudo, rel=1e-5)
+    with pytest.raises(ConfigError, match="loss_weight applies to a source added to every batch"):
+        train_config(mixture, "/unused", "data.sources.cc.loss_weight=0.5")
+
+
 # ------------------------------------------------------------------------------------ the loop
 def test_fit_in_process_writes_everything_and_resumes_exactly(mixture, tmp_path):
     """4 steps with a checkpoint at 2; then the step-4 checkpoint is removed (a run killed after

@@ -28,6 +28,9 @@ class KnownPhrases(str, enum.Enum):
     # skipped): the pseudo labels teach only the words the gold sets never name, and the gold
     # sets alone teach the rest, with their clean boxes
     IGNORE = "ignore"
+    # as ignore, and the dropped boxes become ignore regions: the anchors assigned to them take no
+    # loss at all, so the object (there, but unlabelled here) is not taught as background either
+    IGNORE_REGION = "ignore_region"
 
 
 @dataclass
@@ -45,10 +48,19 @@ class TrainSourceConfig:
     unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE   # pseudo: phrases left without a box
     known_phrases: KnownPhrases = KnownPhrases.TRAIN   # pseudo: phrases naming a class of known_names
     known_names: list[str] = field(default_factory=list)   # pseudo: the classes the gold sets label
+    # pseudo: an image whose boxes ground more than this many phrases naming no class of
+    # known_names has those boxes dropped and their tokens ignored (skipped if no box is left):
+    # which box is which new word is then the teacher's guess among them. 0 = no limit
+    max_novel_phrases: int = 0
     # 0: the source takes its weight's share of each batch (its samples replace the others'); n > 0:
     # n samples of it are added to every batch (n / workers per worker), beyond batch_size, and its
     # weight is unused: the other sources' samples are then exactly those of a run without it
     extra_per_batch: int = 0
+    # null: the source's samples share the batch's loss (each loss summed over the batch's images and
+    # divided by all their positives: official). A number (extra_per_batch sources only): its samples'
+    # losses are computed on their own, divided by their own positives, and added x loss_weight, so
+    # the other samples' loss (and gradient) is exactly that of a run without the source
+    loss_weight: float | None = None
     box_convention: BoxConvention = BoxConvention.LEGACY
     shuffle: bool = True                     # reshuffle every epoch (seeded)
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -82,8 +94,21 @@ class TrainSourceConfig:
         if self.extra_per_batch < 0:
             raise ValueError(f"extra_per_batch must be >= 0 (0: the source shares the batch by weight), "
                              f"got {self.extra_per_batch}")
-        if self.known_phrases is KnownPhrases.IGNORE and not self.known_names:
-            raise ValueError("known_phrases is ignore but known_names is empty: list the classes the gold "
+        if self.loss_weight is not None:
+            if self.loss_weight < 0:
+                raise ValueError(f"loss_weight must be >= 0 (or null: the source shares the batch's loss), "
+                                 f"got {self.loss_weight}")
+            if not self.extra_per_batch:
+                raise ValueError("loss_weight applies to a source added to every batch (extra_per_batch > 0), "
+                                 "so that every batch and worker holds its samples: set extra_per_batch or "
+                                 "remove loss_weight")
+        if self.max_novel_phrases < 0:
+            raise ValueError(f"max_novel_phrases must be >= 0 (0: no limit), got {self.max_novel_phrases}")
+        if self.max_novel_phrases and self.kind is not SourceKind.PSEUDO:
+            raise ValueError(f"max_novel_phrases applies to pseudo sources; a {self.kind.value} source's labels "
+                             "are gold: remove the key")
+        if self.known_phrases is not KnownPhrases.TRAIN and not self.known_names:
+            raise ValueError(f"known_phrases is {self.known_phrases.value} but known_names is empty: list the classes the gold "
                              "sets label, e.g. known_names=[circle, square], or set known_phrases=train")
 
 

@@ -6,6 +6,13 @@ and ``known_phrase_spans`` gives the spans of those phrases, whose tokens then t
 (the object is in the image, unlabelled): the pseudo labels teach only the words the gold sets
 never name, and the gold sets teach the rest with their clean boxes. Not in the official code,
 which trains on every pseudo box.
+
+``novel_phrase_boxes`` serves ``max_novel_phrases`` of a pseudo source: the boxes whose phrase
+names no known class, grouped by phrase. When a caption names one unfamiliar thing beside known
+ones, the known phrases explain the other objects and the teacher's box for the new word is an
+educated guess with one candidate left; when it names several, which box is which is a guess
+among them (measured on the miniature world's teacher: rare pseudo boxes 76 % right in images
+with one such phrase, 53 % with two, 40 % with three).
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from typing import Sequence
 
 from stages.schema import Sample
 
-__all__ = ["names_a_class", "drop_known_labels", "known_phrase_spans"]
+__all__ = ["names_a_class", "known_label_indices", "drop_known_labels", "known_phrase_spans", "novel_phrase_boxes", "drop_boxes"]
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -38,18 +45,19 @@ def names_a_class(text: str, names: Sequence[str]) -> bool:
     return False
 
 
+def known_label_indices(sample: Sample, known_names: Sequence[str]) -> list[int]:
+    """The pseudo boxes whose phrase (the caption text of its ``tokens_positive``) names a class
+    of ``known_names``."""
+    caption = sample.caption or ""
+    return [i for i, spans in enumerate(sample.tokens_positive)
+            if any(names_a_class(caption[int(s):int(e)], known_names) for s, e in spans)]
+
+
 def drop_known_labels(sample: Sample, known_names: Sequence[str]) -> Sample:
     """The pseudo boxes (with their spans and scores) whose phrase names no class of
-    ``known_names``; a box's phrase is the caption text of its ``tokens_positive``. The caller
-    skips the image when no box is left, and ``known_phrase_spans`` gives the tokens to ignore."""
-    caption = sample.caption or ""
-    keep = [i for i, spans in enumerate(sample.tokens_positive)
-            if not any(names_a_class(caption[int(s):int(e)], known_names) for s, e in spans)]
-    scores = [float(sample.scores[i]) for i in keep] if sample.scores else []
-    return dataclasses.replace(
-        sample, boxes=[list(sample.boxes[i]) for i in keep],
-        tokens_positive=[[list(s) for s in sample.tokens_positive[i]] for i in keep],
-        scores=scores, meta=dict(sample.meta))
+    ``known_names``. The caller skips the image when no box is left, and ``known_phrase_spans``
+    gives the tokens to ignore."""
+    return drop_boxes(sample, known_label_indices(sample, known_names))
 
 
 def known_phrase_spans(sample: Sample, known_names: Sequence[str]) -> list[list[int]]:
@@ -57,3 +65,24 @@ def known_phrase_spans(sample: Sample, known_names: Sequence[str]) -> list[list[
     (order of ``sample.phrases``): with their boxes dropped, their objects are still in the image,
     so their tokens are neither positive nor negative anywhere."""
     return [[int(p.span[0]), int(p.span[1])] for p in sample.phrases if names_a_class(p.text, known_names)]
+
+
+def novel_phrase_boxes(sample: Sample, known_names: Sequence[str]) -> dict[tuple[int, int], list[int]]:
+    """The pseudo boxes whose phrase names no class of ``known_names`` (none named: every phrase
+    is new), by phrase: {(begin, end) of the box's first span: [box indices]}, caption order."""
+    caption = sample.caption or ""
+    novel: dict[tuple[int, int], list[int]] = {}
+    for i, spans in enumerate(sample.tokens_positive):
+        if spans and not any(names_a_class(caption[int(s):int(e)], known_names) for s, e in spans):
+            novel.setdefault((int(spans[0][0]), int(spans[0][1])), []).append(i)
+    return dict(sorted(novel.items()))
+
+
+def drop_boxes(sample: Sample, drop: Sequence[int]) -> Sample:
+    """``sample`` without the boxes ``drop`` (their spans and scores go with them)."""
+    gone = set(drop)
+    keep = [i for i in range(len(sample.boxes)) if i not in gone]
+    return dataclasses.replace(
+        sample, boxes=[list(sample.boxes[i]) for i in keep],
+        tokens_positive=[[list(s) for s in sample.tokens_positive[i]] for i in keep],
+        scores=[float(sample.scores[i]) for i in keep] if sample.scores else [], meta=dict(sample.meta))

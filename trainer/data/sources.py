@@ -63,7 +63,7 @@ from stages.schema import Sample, UnlabelledPhrases
 from trainer.data.accounting import DataAccounting
 from trainer.data.config import KnownPhrases, SourceKind, TrainDataConfig, TrainSourceConfig
 from trainer.data.mixture import Mixture, MixtureConfig, MixtureSource, worker_shard
-from trainer.data.known_phrases import drop_known_labels, known_phrase_spans
+from trainer.data.known_phrases import drop_boxes, known_label_indices, known_phrase_spans, novel_phrase_boxes
 from trainer.data.prompts import (detection_to_grounding, pack_negative_captions, screen_pseudo_labels,
                                   unlabelled_phrase_spans)
 from trainer.data.transforms import TrainTransform, TrainTransformConfig, collate
@@ -187,17 +187,36 @@ class _ShardSource:
             count("boxes/below_score", before - len(sample.boxes))
         if not sample.boxes:
             raise _Skip("no_boxes")
-        known = self.cfg.known_phrases is KnownPhrases.IGNORE
+        known = self.cfg.known_phrases is not KnownPhrases.TRAIN
+        regions: list[list[float]] = []           # known_phrases: ignore_region: the dropped boxes
         if known:
-            before = len(sample.boxes)
-            sample = drop_known_labels(sample, self.cfg.known_names)
-            count("boxes/known_class", before - len(sample.boxes))
+            drop = known_label_indices(sample, self.cfg.known_names)
+            regions += [list(sample.boxes[i]) for i in drop]
+            sample = drop_boxes(sample, drop)
+            count("boxes/known_class", len(drop))
             if not sample.boxes:
                 raise _Skip("known_only")
+        novel_spans: list[list[int]] = []
+        if self.cfg.max_novel_phrases:
+            novel = novel_phrase_boxes(sample, self.cfg.known_names)
+            if len(novel) > self.cfg.max_novel_phrases:
+                drop = [i for boxes in novel.values() for i in boxes]
+                regions += [list(sample.boxes[i]) for i in drop]
+                sample = drop_boxes(sample, drop)
+                novel_spans = [list(span) for span in novel]
+                count("boxes/novel_ambiguous", len(drop))
+                if not sample.boxes:
+                    raise _Skip("novel_ambiguous")
+        if regions and self.cfg.known_phrases is KnownPhrases.IGNORE_REGION:
+            sample.meta["ignore_regions"] = regions
         if self.packing is not None:
             sample = pack_negative_captions(sample, [c for c in pool if c != sample.caption], self.tokenizer,
                                             rng, self.packing)
         ignore = known_phrase_spans(sample, self.cfg.known_names) if known else []
+        start = sample.meta.get("positive_caption_span", [0])[0]        # where packing moved the caption
+        for b, e in novel_spans:                                           # their objects are there, unlabelled
+            if [b + start, e + start] not in ignore:
+                ignore.append([b + start, e + start])
         if self.cfg.unlabelled_phrases is UnlabelledPhrases.IGNORE:
             ignore += [span for span in unlabelled_phrase_spans(sample) if span not in ignore]
         if ignore:

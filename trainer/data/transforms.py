@@ -57,6 +57,8 @@ class TrainExample:
     tokens_positive: list[list[tuple[int, int]]]  # per box, its caption character spans
     flipped: bool
     ignore_spans: Sequence[tuple[int, int]] = ()  # caption spans whose tokens take no token loss
+    # [K, 4] xyxy in the (h, w) frame: objects there but unlabelled, whose anchors take no loss
+    ignore_regions: torch.Tensor | None = None
 
 
 def resize_boxes(boxes: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
@@ -96,17 +98,21 @@ class TrainTransform:
             raise ValueError(f"sample {sample.key!r}: the image decodes to {orig[1]}x{orig[0]} but the "
                              f"sample says {sample.width}x{sample.height}; its boxes would not match")
         boxes = torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
+        regions = sample.meta.get("ignore_regions")
+        regions = None if not regions else torch.as_tensor(regions, dtype=torch.float32).reshape(-1, 4)
 
         min_size = int(self.input_cfg.min_size_train[int(rng.integers(len(self.input_cfg.min_size_train)))])
         size = resized_size(orig[0], orig[1], min_size, self.input_cfg.max_size_train)
         if size != orig:
             pil = pil.resize((size[1], size[0]), Image.BILINEAR)
             boxes = resize_boxes(boxes, orig, size)
+            regions = None if regions is None else resize_boxes(regions, orig, size)
 
         flipped = bool(rng.random() < self.cfg.flip_prob)
         if flipped:
             pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes = hflip_boxes(boxes, size[1])
+            regions = None if regions is None else hflip_boxes(regions, size[1])
 
         return TrainExample(
             key=sample.key, source=sample.source,
@@ -114,7 +120,8 @@ class TrainTransform:
             image_size=size, original_size=orig, boxes=boxes, caption=sample.caption,
             tokens_positive=[[(int(s), int(e)) for s, e in spans] for spans in sample.tokens_positive],
             flipped=flipped,
-            ignore_spans=[(int(s), int(e)) for s, e in sample.meta.get("ignore_spans", ())])
+            ignore_spans=[(int(s), int(e)) for s, e in sample.meta.get("ignore_spans", ())],
+            ignore_regions=regions)
 
 
 def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> dict:
@@ -123,7 +130,8 @@ def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> 
     ``images`` [B, 3, H, W] (H, W multiples of ``size_divisibility``), ``image_sizes`` [(h, w)],
     ``input_ids`` / ``attention_mask`` [B, T], ``targets``: per image ``{"boxes": [G, 4] float32
     xyxy in the network-input frame, "positive_map": [G, T] float32 0/1}`` and, for an example
-    with ``ignore_spans``, ``"ignore_tokens"``: [T] bool, the tokens the token loss skips; plus
+    with ``ignore_spans``, ``"ignore_tokens"``: [T] bool, the tokens the token loss skips, and for
+    one with ``ignore_regions``, ``"ignore_regions"``: [K, 4] (anchors there take no loss); plus
     ``captions`` and ``keys``.
     """
     if not examples:
@@ -136,6 +144,8 @@ def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> 
     for b, ex in enumerate(examples):
         target = {"boxes": ex.boxes.to(torch.float32).reshape(-1, 4),
                   "positive_map": positive_map(encoding, ex.tokens_positive, num_tokens, batch_index=b)}
+        if ex.ignore_regions is not None and ex.ignore_regions.shape[0]:
+            target["ignore_regions"] = ex.ignore_regions.to(torch.float32).reshape(-1, 4)
         if ex.ignore_spans:
             target["ignore_tokens"] = positive_map(encoding, [list(ex.ignore_spans)], num_tokens,
                                                    batch_index=b)[0] > 0

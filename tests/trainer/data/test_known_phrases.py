@@ -2,7 +2,10 @@
 label are dropped and their phrases' tokens ignored, so the pseudo labels teach only new words."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from core import config as typed_config
 from core.config import ConfigError
@@ -10,7 +13,8 @@ from model.config import InputConfig, ModelConfig
 from stages.schema import Phrase, Sample
 from synth.training import write_training_mixture
 from trainer.data.config import KnownPhrases, TrainDataConfig
-from trainer.data.known_phrases import drop_known_labels, known_phrase_spans, names_a_class
+from trainer.data.known_phrases import (drop_boxes, drop_known_labels, known_phrase_spans, names_a_class,
+                                        novel_phrase_boxes)
 from trainer.data.sources import TrainStream
 
 
@@ -48,6 +52,19 @@ def test_drop_known_labels_keeps_the_boxes_of_new_words_and_names_the_spans_to_i
     assert known_phrase_spans(sample(), ["moon"]) == []
 
 
+def test_novel_phrase_boxes_group_the_boxes_of_new_words_by_phrase():
+    s = sample()
+    assert novel_phrase_boxes(s, ["circle"]) == {(16, 25): [1], (32, 43): [2]}
+    assert novel_phrase_boxes(s, ["circle", "fish", "house"]) == {}
+    assert list(novel_phrase_boxes(s, [])) == [(2, 12), (16, 25), (32, 43)]       # nothing known: all new
+    two = dataclasses.replace(s, boxes=s.boxes + [[5, 5, 8, 8]], tokens_positive=s.tokens_positive + [[[16, 25]]],
+                              scores=s.scores + [0.3])
+    assert novel_phrase_boxes(two, ["circle"]) == {(16, 25): [1, 3], (32, 43): [2]}
+    out = drop_boxes(two, [1, 3])
+    assert out.boxes == [[0, 0, 9, 9], [20, 20, 29, 29]] and out.scores == [0.9, 0.4]
+    assert out.tokens_positive == [[[2, 12]], [[32, 43]]] and drop_boxes(two, []).boxes == two.boxes
+
+
 def data_config(mixture, *overrides: str) -> TrainDataConfig:
     data = typed_config.merge_overrides(
         {"prefetch_batches": 0, "flip_prob": 0.0,
@@ -79,6 +96,56 @@ def test_a_pseudo_stream_with_known_phrases_ignored_trains_only_on_the_other_wor
     assert positives and not any("square" in p for p in positives)
     assert ignored and all("square" in i for i in ignored)
     assert counts["cc/boxes/known_class"] > 0 and counts.get("cc/skipped/known_only", 0) > 0
+
+
+def test_known_phrases_ignore_region_hands_the_dropped_boxes_to_the_loss_as_regions(tmp_path, tokenizer):
+    """ignore_region: as ignore (the square boxes dropped, their tokens ignored), and each target
+    carries as many ignore regions as its record had square boxes above the bar."""
+    from pipeline.storage import iter_output_samples
+    mixture = write_training_mixture(tmp_path, n_coco=2, n_mdetr=2, n_pseudo=16)
+    squares = {}
+    for rec in iter_output_samples(sorted(str(p) for p in (mixture.root / "pseudo").glob("*.tar"))):
+        squares[rec.key] = sum(1 for spans, score in zip(rec.tokens_positive, rec.scores)
+                               if score > 0.5 and "square" in rec.caption[spans[0][0]:spans[0][1]])
+    model_cfg = ModelConfig(input=InputConfig(min_size_train=(128,), max_size_train=192))
+    cfg = data_config(mixture, "sources.cc.known_phrases=ignore_region", "sources.cc.known_names=[square]")
+    stream = TrainStream(cfg, model_cfg, tokenizer, batch_size=4, seed=0)
+    with_regions = 0
+    for _ in range(4):
+        batch = stream.next_batch()
+        for key, ids, target in zip(batch["keys"], batch["input_ids"], batch["targets"]):
+            k = squares[key.split("/", 1)[1]]
+            assert target.get("ignore_regions", torch.zeros(0, 4)).shape == (k, 4)
+            assert not any("square" in tokenizer.decode(ids[row > 0].tolist()) for row in target["positive_map"])
+            with_regions += k > 0
+    assert with_regions > 0
+
+
+def test_max_novel_phrases_drops_the_boxes_of_images_naming_several_new_words(tmp_path, tokenizer):
+    """known_names [square]: circle and triangle phrases are new. An image with two of them boxed
+    loses those boxes (their tokens ignored, the square's box kept), or is skipped if nothing is left."""
+    mixture = write_training_mixture(tmp_path, n_coco=2, n_mdetr=2, n_pseudo=16)
+    model_cfg = ModelConfig(input=InputConfig(min_size_train=(128,), max_size_train=192))
+    cfg = data_config(mixture, "sources.cc.min_score=0.2", "sources.cc.max_novel_phrases=1",
+                      "sources.cc.known_names=[square]")
+    stream = TrainStream(cfg, model_cfg, tokenizer, batch_size=4, seed=0)
+    seen_dropped = 0
+    for _ in range(3):
+        batch = stream.next_batch()
+        for ids, target in zip(batch["input_ids"], batch["targets"]):
+            phrases = {tokenizer.decode(ids[row > 0].tolist()) for row in target["positive_map"]}
+            assert len([p for p in phrases if "square" not in p]) <= 1, phrases
+            if "ignore_tokens" in target:
+                ignored = tokenizer.decode(ids[target["ignore_tokens"]].tolist())
+                assert ("circle" in ignored or "triangle" in ignored) and "square" not in ignored
+                assert phrases and all("square" in p for p in phrases)
+                seen_dropped += 1
+    counts = stream.counts.state_dict()
+    assert seen_dropped and counts["cc/boxes/novel_ambiguous"] >= 2 * seen_dropped
+    assert counts.get("cc/skipped/novel_ambiguous", 0) > 0
+    assert counts["cc/read"] == counts["cc/used"] + sum(v for k, v in counts.items() if "/skipped/" in k)
+    with pytest.raises(ConfigError, match="max_novel_phrases must be >= 0"):
+        data_config(mixture, "sources.cc.max_novel_phrases=-1").validate()
 
 
 def test_known_phrases_is_a_pseudo_source_option_that_needs_the_names(tmp_path):

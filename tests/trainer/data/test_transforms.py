@@ -183,3 +183,19 @@ def test_collate_marks_the_ignored_tokens_of_an_example(tokenizer):
     assert mask.dtype == torch.bool and mask.shape == (256,)
     assert tokenizer.decode(batch["input_ids"][1][mask].tolist()) == "a green moon"
     assert not (mask & batch["targets"][1]["positive_map"][0].bool()).any()
+
+
+def test_ignore_regions_follow_the_resize_and_flip_of_the_boxes_into_the_targets(tokenizer):
+    cfg = ModelConfig(input=InputConfig(min_size_train=(64,), max_size_train=200))
+    sample = red_rectangle_sample(key="regions")
+    sample.meta["ignore_regions"] = [list(sample.boxes[0]), [0.0, 0.0, 9.0, 9.0]]
+    for flip in (0.0, 1.0):
+        ex = TrainTransform(cfg.input, TrainTransformConfig(flip_prob=flip))(sample, np.random.default_rng(0))
+        assert ex.flipped == bool(flip) and ex.ignore_regions.shape == (2, 4)
+        assert torch.equal(ex.ignore_regions[0], ex.boxes[0])            # the same box, the same transform
+        plain = TrainTransform(cfg.input, TrainTransformConfig(flip_prob=flip))(
+            red_rectangle_sample(rect=(0, 0, 9, 9)), np.random.default_rng(0))
+        assert torch.equal(ex.ignore_regions[1], plain.boxes[0])
+    batch = collate([ex, TrainTransform(cfg.input)(red_rectangle_sample(), np.random.default_rng(0))], tokenizer, cfg)
+    assert torch.equal(batch["targets"][0]["ignore_regions"], ex.ignore_regions)
+    assert "ignore_regions" not in batch["targets"][1]
