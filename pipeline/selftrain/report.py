@@ -160,6 +160,12 @@ def write_report(cfg: SelfTrainConfig, root: Path, extras: dict) -> str:
             else "start from the pretrained parts, as the teacher did")
     mix = (f"{cfg.pseudo_per_batch} pseudo samples added to every batch of the control's gold samples"
            if cfg.pseudo_per_batch else f"mixture weights 1 : 1 : {cfg.pseudo_weight:g}")
+    if cfg.pseudo_loss_weight is not None:
+        mix += (f", their loss divided by their own positives and weighted {cfg.pseudo_loss_weight:g} "
+                "(the gold samples' loss is the control's)")
+    if cfg.max_novel_phrases:
+        mix += (f"; the boxes of an image grounding more than {cfg.max_novel_phrases} phrase(s) naming no "
+                "detection-set class left out")
     lines += ["- teacher: round 1, trained on the detection + grounding sets; round k > 1, the student of round k − 1.",
               f"- student: the trainer settings on detection + grounding + the round teacher's pseudo-labelled web "
               f"shards ({mix}; pseudo boxes scoring above the round's bar; "
@@ -174,12 +180,13 @@ def write_report(cfg: SelfTrainConfig, root: Path, extras: dict) -> str:
                      "in this budget.")
     lines.append("")
     if len(rounds) > 1:
-        lines += ["| round | teacher AP | control AP | student AP | teacher APr | control APr | student APr |",
-                  "|---|---|---|---|---|---|---|"]
+        models = ("teacher", "control", "student") + (("oracle",) if cfg.oracle else ())
+        lines += ["| round | " + " | ".join(f"{m} {k}" for k in ("AP", "APr") for m in models) + " |",
+                  "|---" * (1 + 2 * len(models)) + "|"]
         for r in rounds:
             res = r["results"]
             cells = [_fmt(res[m]["detection"].get(k)) if m in res else "n/a"
-                     for k in ("AP", "APr") for m in ("teacher", "control", "student")]
+                     for k in ("AP", "APr") for m in models]
             lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
         lines.append("")
     for r in rounds:

@@ -103,6 +103,9 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     assert labeler.labeler["checkpoint_sha256"] == one["student"]["sha256"]
     assert rounds[1]["results"]["teacher"]["detection"]["AP"] == rounds[0]["results"]["student"]["detection"]["AP"]
     assert "## Round 2" in report and one["student"]["sha256"][:16] in report
+    # the summary of the rounds has the oracle's columns too
+    assert "| round | teacher AP | control AP | student AP | oracle AP | teacher APr |" in report
+    assert re.search(r"^\| 2 \|( [0-9.]+ \|){8}$", report, re.M)
     # the evaluation noise stands beside each difference, the score bar and the curve are reported
     assert rounds[0]["noise"]["resamples"] == 3 and rounds[0]["noise"]["pairs"]["student - control"]["AP"]["sd"] >= 0
     assert re.search(r"\| AP \|.*\(± \d+\.\d\)", report)
