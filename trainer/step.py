@@ -95,8 +95,8 @@ def select_images(outputs: dict, index: list[int]) -> dict:
 
 def _grouped_losses(criterion, outputs: dict, targets: list, mask: torch.Tensor,
                     groups: list[tuple[str, float, list[int]]]) -> tuple[torch.Tensor, dict]:
-    """The weighted total over ``groups`` and every group's named losses (the first group's,
-    or the only one's, under their own names; the others' as ``name/loss``)."""
+    """The weighted total over ``groups`` and every group's named losses: the rest's (group "")
+    under their own names, a source's as ``name/loss_*``."""
     if len(groups) == 1 and groups[0][0] == "":
         losses = criterion(outputs, targets, mask)
         return criterion.total(losses), losses

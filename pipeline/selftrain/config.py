@@ -56,9 +56,9 @@ class SelfTrainConfig:
     # samples); n > 0: n pseudo samples are added to every batch of batch_size gold samples, which
     # are then exactly the control's (pseudo_weight unused)
     pseudo_per_batch: int = 0
-    # null: the pseudo samples share the batch's loss (normalised by all its positives, so they
-    # dilute the gold samples' gradient); a number (pseudo_per_batch > 0): their loss is normalised
-    # by their own positives and added x this weight, the gold samples' loss is the control's
+    # null: the pseudo samples share the batch's loss (normalised by all its positives); a number
+    # (pseudo_per_batch > 0): their loss is normalised by their own positives and added x this
+    # weight, so the gold samples' loss is exactly the control's
     pseudo_loss_weight: float | None = None
     # a caption phrase left without a box (> student_min_score): negative everywhere (official) or
     # ignored by the token loss

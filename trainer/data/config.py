@@ -108,8 +108,9 @@ class TrainSourceConfig:
             raise ValueError(f"max_novel_phrases applies to pseudo sources; a {self.kind.value} source's labels "
                              "are gold: remove the key")
         if self.known_phrases is not KnownPhrases.TRAIN and not self.known_names:
-            raise ValueError(f"known_phrases is {self.known_phrases.value} but known_names is empty: list the classes the gold "
-                             "sets label, e.g. known_names=[circle, square], or set known_phrases=train")
+            raise ValueError(f"known_phrases is {self.known_phrases.value} but known_names is empty: list the "
+                             "classes the gold sets label, e.g. known_names=[circle, square], or set "
+                             "known_phrases=train")
 
 
 @dataclass

@@ -22,7 +22,8 @@ from typing import Sequence
 
 from stages.schema import Sample
 
-__all__ = ["names_a_class", "known_label_indices", "drop_known_labels", "known_phrase_spans", "novel_phrase_boxes", "drop_boxes"]
+__all__ = ["names_a_class", "known_label_indices", "drop_known_labels", "known_phrase_spans", "novel_phrase_boxes",
+           "drop_boxes"]
 
 _WORD = re.compile(r"[a-z0-9]+")
 
