@@ -25,6 +25,11 @@ Losses, for a batch of B images, N anchors, T tokens:
   assigns over the boxes and the regions together; an anchor it gives a region takes no loss at
   all (no token loss for any token, not a positive, not counted in ``num_pos_avg``), so the
   object is taught neither as its phrase nor as background (not in the official code).
+* A target may carry ``box_loss``: a bool scalar, False for an image whose boxes teach the
+  token loss only (a teacher's boxes, less precise than its words): its positive anchors count in
+  ``num_pos_avg`` and take token loss, but no regression or centerness loss; those two are then
+  normalised by the positives that do take them (not in the official code; unset everywhere =
+  official).
 * ``loss_reg``: GIoU loss (1 - GIoU, official form without ``+1``) between the decoded
   predictions of the positive anchors and their boxes, weighted by the centerness target,
   summed, / (sum of centerness targets, averaged over workers). The box is taken as the
@@ -184,6 +189,8 @@ class GLIPCriterion(nn.Module):
             regions = tgt.get("ignore_regions")
             if regions is not None and (regions.ndim != 2 or regions.shape[1] != 4):
                 raise ValueError(f"image {i}: ignore_regions has shape {tuple(regions.shape)}, expected [K, 4]")
+            if tgt.get("box_loss") is not None and torch.as_tensor(tgt["box_loss"]).numel() != 1:
+                raise ValueError(f"image {i}: box_loss must be one bool, got shape {tuple(tgt['box_loss'].shape)}")
 
         boxes, valid = pad_boxes([tgt["boxes"].to(device) for tgt in targets])       # [B, G, 4]
         matched, ignored = self._assign_with_regions([an.to(device) for an in outputs["anchors"]], targets,
@@ -208,8 +215,12 @@ class GLIPCriterion(nn.Module):
             real = real & ~ignored[..., None]                                        # [B, N, T]
         loss_token = torch.where(real, focal, torch.zeros_like(focal)).sum() / num_pos_avg
 
-        # box losses over the positive anchors
-        img_idx, anchor_idx = pos.nonzero(as_tuple=True)
+        # box losses over the positive anchors (of the images that take them)
+        # (every worker all-reduces the count, flags or not: = num_pos_avg when no image is flagged)
+        takes = torch.tensor([bool(tgt.get("box_loss", True)) for tgt in targets], device=device)
+        boxed = pos & takes[:, None]
+        num_boxed_avg = torch.clamp(_sum_over_workers(boxed.sum().to(torch.float32)) / world, min=1.0)
+        img_idx, anchor_idx = boxed.nonzero(as_tuple=True)
         pos_anchors = anchors[anchor_idx]                                            # [P, 4]
         gt = boxes[img_idx, matched[img_idx, anchor_idx]]                            # [P, 4]
         gt = self.box_coder.decode(self.box_coder.encode(gt, pos_anchors), pos_anchors)
@@ -219,7 +230,7 @@ class GLIPCriterion(nn.Module):
         giou_loss = 1.0 - elementwise_giou(pred, gt)
         loss_reg = (giou_loss * ctr_targets).sum() / ctr_sum_avg.clamp(min=1e-6)
         loss_ctr = F.binary_cross_entropy_with_logits(centerness[img_idx, anchor_idx], ctr_targets,
-                                                      reduction="sum") / num_pos_avg
+                                                      reduction="sum") / num_boxed_avg
         return {"loss_token": loss_token, "loss_reg": loss_reg, "loss_centerness": loss_ctr}
 
     def _assign_with_regions(self, anchors: list[torch.Tensor], targets: Sequence[Mapping], boxes: torch.Tensor,

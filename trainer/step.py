@@ -36,7 +36,7 @@ __all__ = ["Precision", "StepStatus", "StepResult", "train_step", "distributed",
            "select_images"]
 
 # what the criterion reads of a batch's targets (collate's output)
-TARGET_KEYS = ("boxes", "positive_map", "ignore_tokens", "ignore_regions")
+TARGET_KEYS = ("boxes", "positive_map", "ignore_tokens", "ignore_regions", "box_loss")
 
 
 def distributed() -> bool:

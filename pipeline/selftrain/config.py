@@ -60,6 +60,9 @@ class SelfTrainConfig:
     # (pseudo_per_batch > 0): their loss is normalised by their own positives and added x this
     # weight, so the gold samples' loss is exactly the control's
     pseudo_loss_weight: float | None = None
+    # false: the pseudo boxes teach the token loss only (which phrase is where), no box regression
+    # or centerness loss (the student learns to place boxes from the gold sets alone)
+    pseudo_box_loss: bool = True
     # a caption phrase left without a box (> student_min_score): negative everywhere (official) or
     # ignored by the token loss
     unlabelled_phrases: UnlabelledPhrases = UnlabelledPhrases.NEGATIVE

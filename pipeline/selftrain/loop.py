@@ -72,6 +72,7 @@ def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig,
                                               known_phrases=cfg.known_phrases, known_names=known,
                                               extra_per_batch=cfg.pseudo_per_batch,
                                               loss_weight=cfg.pseudo_loss_weight,
+                                              box_loss=cfg.pseudo_box_loss,
                                               max_novel_phrases=cfg.max_novel_phrases)
     return sources
 

@@ -163,6 +163,8 @@ def write_report(cfg: SelfTrainConfig, root: Path, extras: dict) -> str:
     if cfg.pseudo_loss_weight is not None:
         mix += (f", their loss divided by their own positives and weighted {cfg.pseudo_loss_weight:g} "
                 "(the gold samples' loss is the control's)")
+    if not cfg.pseudo_box_loss:
+        mix += "; the pseudo boxes teach the token loss only (no box regression or centerness loss)"
     if cfg.max_novel_phrases:
         mix += (f"; the boxes of an image grounding more than {cfg.max_novel_phrases} phrase(s) naming no "
                 "detection-set class left out")

@@ -228,6 +228,37 @@ def test_an_ignore_region_takes_its_anchors_out_of_every_loss():
         crit(outputs, [dict(plain[0], ignore_regions=torch.zeros(4)), plain[1]], text_mask)
 
 
+def test_an_image_without_box_loss_teaches_its_tokens_only():
+    """box_loss False: the image's positives keep their token loss and count in its normaliser;
+    the box losses are those of the batch without the image, and its regression and centerness
+    outputs get no gradient. box_loss True is the plain target."""
+    t = 6
+    outputs = make_outputs(batch=2, tokens=t, seed=5)
+    text_mask = torch.ones(2, t, dtype=torch.long)
+    gts = [torch.tensor([[10.0, 10, 19, 19], [0.0, 0, 9, 9]]), torch.tensor([[20.0, 20, 29, 29]])]
+    pms = [torch.zeros(2, t), torch.zeros(1, t)]
+    pms[0][0, 1] = pms[0][1, 2] = pms[1][0, 3] = 1
+    crit = GLIPCriterion(LossConfig())
+    plain = [{"boxes": g, "positive_map": p} for g, p in zip(gts, pms)]
+    flagged = [plain[0], dict(plain[1], box_loss=torch.tensor(False))]
+    got, full = crit(outputs, flagged, text_mask), crit(outputs, plain, text_mask)
+    assert got["loss_token"].item() == full["loss_token"].item()
+    alone = crit({k: ([v[0][:1]] if k in ("token_logits", "box_regression", "centerness") else v)
+                  for k, v in outputs.items()}, plain[:1], text_mask[:1])
+    assert got["loss_reg"].item() == pytest.approx(alone["loss_reg"].item(), rel=1e-6)
+    assert got["loss_centerness"].item() == pytest.approx(alone["loss_centerness"].item(), rel=1e-6)
+    assert got["loss_centerness"].item() != pytest.approx(full["loss_centerness"].item(), rel=1e-3)
+    reg = outputs["box_regression"][0].detach().requires_grad_(True)
+    ctr = outputs["centerness"][0].detach().requires_grad_(True)
+    losses = crit(dict(outputs, box_regression=[reg], centerness=[ctr]), flagged, text_mask)
+    (losses["loss_reg"] + losses["loss_centerness"]).backward()
+    assert not reg.grad[1].any() and not ctr.grad[1].any() and reg.grad[0].abs().sum() > 0
+    same = crit(outputs, [plain[0], dict(plain[1], box_loss=torch.tensor(True))], text_mask)
+    assert all(same[k].item() == full[k].item() for k in full)
+    with pytest.raises(ValueError, match="box_loss must be one bool"):
+        crit(outputs, [plain[0], dict(plain[1], box_loss=torch.tensor([False, True]))], text_mask)
+
+
 def test_box_whose_spans_map_to_no_token_keeps_its_box_losses():
     t = 5
     outputs = make_outputs(batch=1, tokens=t, seed=2)

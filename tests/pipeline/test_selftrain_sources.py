@@ -42,5 +42,11 @@ def test_known_phrases_ignore_names_the_detection_categories(tmp_path):
     with pytest.raises(ConfigError, match="pseudo_loss_weight: expected >= 0 with pseudo_per_batch > 0"):
         load_selftrain_config("configs/demo.yaml", [f"workdir={tmp_path}", "pseudo_per_batch=0",
                                                     "pseudo_loss_weight=1.0"])
+    # pseudo_box_loss: false -> the pseudo boxes teach the token loss only
+    assert pseudo.box_loss is True
+    tokens_only = _sources(world, str(tmp_path / "pseudo" / "*.tar"), load_selftrain_config(
+        "configs/demo.yaml", [f"workdir={tmp_path}", "pseudo_box_loss=false"]), 0.3)["pseudo"]
+    assert tokens_only.box_loss is False
+    validate_tree(tokens_only)
     # the control's mixture has no pseudo source to filter
     assert list(_sources(world, None, cfg)) == ["detection", "grounding"]

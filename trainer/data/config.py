@@ -61,6 +61,10 @@ class TrainSourceConfig:
     # losses are computed on their own, divided by their own positives, and added x loss_weight, so
     # the other samples' loss (and gradient) is exactly that of a run without the source
     loss_weight: float | None = None
+    # pseudo: false = its boxes teach the token (alignment) loss only, no box regression or
+    # centerness loss: a teacher places its boxes less precisely than the student learns to from
+    # the gold boxes (semi-supervised detection's classification-only pseudo boxes)
+    box_loss: bool = True
     box_convention: BoxConvention = BoxConvention.LEGACY
     shuffle: bool = True                     # reshuffle every epoch (seeded)
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +106,9 @@ class TrainSourceConfig:
                 raise ValueError("loss_weight applies to a source added to every batch (extra_per_batch > 0), "
                                  "so that every batch and worker holds its samples: set extra_per_batch or "
                                  "remove loss_weight")
+        if not self.box_loss and self.kind is not SourceKind.PSEUDO:
+            raise ValueError(f"box_loss: false applies to pseudo sources; a {self.kind.value} source's boxes "
+                             "are gold: remove the key")
         if self.max_novel_phrases < 0:
             raise ValueError(f"max_novel_phrases must be >= 0 (0: no limit), got {self.max_novel_phrases}")
         if self.max_novel_phrases and self.kind is not SourceKind.PSEUDO:

@@ -207,6 +207,8 @@ class _ShardSource:
                 count("boxes/novel_ambiguous", len(drop))
                 if not sample.boxes:
                     raise _Skip("novel_ambiguous")
+        if not self.cfg.box_loss:
+            sample.meta["box_loss"] = False
         if regions and self.cfg.known_phrases is KnownPhrases.IGNORE_REGION:
             sample.meta["ignore_regions"] = regions
         if self.packing is not None:

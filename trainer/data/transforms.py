@@ -59,6 +59,7 @@ class TrainExample:
     ignore_spans: Sequence[tuple[int, int]] = ()  # caption spans whose tokens take no token loss
     # [K, 4] xyxy in the (h, w) frame: objects there but unlabelled, whose anchors take no loss
     ignore_regions: torch.Tensor | None = None
+    box_loss: bool = True                        # False: its boxes take no regression/centerness loss
 
 
 def resize_boxes(boxes: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
@@ -121,7 +122,7 @@ class TrainTransform:
             tokens_positive=[[(int(s), int(e)) for s, e in spans] for spans in sample.tokens_positive],
             flipped=flipped,
             ignore_spans=[(int(s), int(e)) for s, e in sample.meta.get("ignore_spans", ())],
-            ignore_regions=regions)
+            ignore_regions=regions, box_loss=bool(sample.meta.get("box_loss", True)))
 
 
 def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> dict:
@@ -131,7 +132,8 @@ def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> 
     ``input_ids`` / ``attention_mask`` [B, T], ``targets``: per image ``{"boxes": [G, 4] float32
     xyxy in the network-input frame, "positive_map": [G, T] float32 0/1}`` and, for an example
     with ``ignore_spans``, ``"ignore_tokens"``: [T] bool, the tokens the token loss skips, and for
-    one with ``ignore_regions``, ``"ignore_regions"``: [K, 4] (anchors there take no loss); plus
+    one with ``ignore_regions``, ``"ignore_regions"``: [K, 4] (anchors there take no loss), for one
+    whose boxes take no box losses, ``"box_loss"``: a False bool tensor; plus
     ``captions`` and ``keys``.
     """
     if not examples:
@@ -146,6 +148,8 @@ def collate(examples: list[TrainExample], tokenizer, model_cfg: ModelConfig) -> 
                   "positive_map": positive_map(encoding, ex.tokens_positive, num_tokens, batch_index=b)}
         if ex.ignore_regions is not None and ex.ignore_regions.shape[0]:
             target["ignore_regions"] = ex.ignore_regions.to(torch.float32).reshape(-1, 4)
+        if not ex.box_loss:
+            target["box_loss"] = torch.tensor(False)
         if ex.ignore_spans:
             target["ignore_tokens"] = positive_map(encoding, [list(ex.ignore_spans)], num_tokens,
                                                    batch_index=b)[0] > 0

@@ -148,6 +148,27 @@ def test_max_novel_phrases_drops_the_boxes_of_images_naming_several_new_words(tm
         data_config(mixture, "sources.cc.max_novel_phrases=-1").validate()
 
 
+def test_a_pseudo_source_without_box_loss_flags_exactly_its_own_targets(tmp_path, tokenizer):
+    """box_loss: false on the pseudo source: each of its targets carries box_loss False, the gold
+    sources' targets none; a gold source may not set it."""
+    mixture = write_training_mixture(tmp_path, n_coco=4, n_mdetr=4, n_pseudo=8)
+    model_cfg = ModelConfig(input=InputConfig(min_size_train=(128,), max_size_train=192))
+    coco = {"kind": "coco", "annotations": str(mixture.coco_annotations), "image_root": str(mixture.coco_images)}
+    stream = TrainStream(data_config(mixture, "sources.cc.box_loss=false", f"sources.o365={coco}"), model_cfg,
+                         tokenizer, batch_size=4, seed=0)
+    sources = set()
+    for _ in range(4):
+        batch = stream.next_batch()
+        for key, target in zip(batch["keys"], batch["targets"]):
+            source = key.split("/", 1)[0]
+            sources.add(source)
+            assert ("box_loss" in target) == (source == "cc")
+            assert "box_loss" not in target or not bool(target["box_loss"])
+    assert "cc" in sources and len(sources) > 1
+    with pytest.raises(ConfigError, match="box_loss: false applies to pseudo sources"):
+        data_config(mixture, f"sources.o365={dict(coco, box_loss=False)}").validate()
+
+
 def test_known_phrases_is_a_pseudo_source_option_that_needs_the_names(tmp_path):
     mixture = write_training_mixture(tmp_path, n_coco=2, n_mdetr=2, n_pseudo=2)
     with pytest.raises(ConfigError, match="known_names is empty"):
