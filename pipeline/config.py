@@ -148,21 +148,42 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | None 
     return from_dict(RunConfig, data, source=source)
 
 
-def semantic_hash(cfg: RunConfig) -> str:
+def semantic_hash(cfg: RunConfig, by_content: bool = True) -> str:
     """sha256 of what determines the output bytes (the stages in order, their settings, the
     source and seed), not of how it runs.
 
     Ray sizing, each stage's ``resources`` (and any field its config class names in
     ``runtime_fields``), progress bars and paths may change between a crashed run and its
-    resume; the stage settings may not (the output would mix two configs).
+    resume; the stage settings may not (the output would mix two configs). A field the config
+    class names in ``content_fields`` (a checkpoint) counts by the sha256 of the local file or
+    folder it names, so moving it changes nothing; a URL or a missing path counts as written.
+    ``by_content=False``: every field as written (the hash of outputs begun before content
+    fields existed; ``pipeline.resume`` still accepts it).
     """
     stages = []
     for name, stage_cfg in cfg.stages.items():
         skip = {"resources", *getattr(type(stage_cfg), "runtime_fields", ())}
-        stages.append([name, {k: v for k, v in to_dict(stage_cfg).items() if k not in skip}])
+        fields = {k: v for k, v in to_dict(stage_cfg).items() if k not in skip}
+        for key in getattr(type(stage_cfg), "content_fields", ()) if by_content else ():
+            if isinstance(fields.get(key), str) and fields[key] and os.path.exists(fields[key]):
+                fields[key] = "sha256:" + _content_sha256(os.path.abspath(fields[key]))
+        stages.append([name, fields])
     payload = {"source": cfg.input.source, "stages": stages, "seed": cfg.seed}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _content_sha256(path: str) -> str:
+    """sha256 of a local file or folder's bytes, computed once per (path, size, mtime)."""
+    files = sorted(Path(path).rglob("*")) if os.path.isdir(path) else [Path(path)]
+    key = (path, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()))
+    if key not in _CONTENT_HASHES:
+        from model.load import sha256_path
+        _CONTENT_HASHES[key] = sha256_path(path)
+    return _CONTENT_HASHES[key]
+
+
+_CONTENT_HASHES: dict[tuple, str] = {}
 
 
 def config_dir() -> Path:

@@ -79,6 +79,11 @@ def open_output(out: OutputDir, cfg: RunConfig, inputs: list[str]) -> OutputStat
         remove_temporaries(out, names)
         manifest.save(out)
         return OutputState(manifest=manifest, listed=len(names), seconds=time.perf_counter() - t0)
+    if manifest.config_sha256 != config_hash and manifest.config_sha256 == semantic_hash(cfg, by_content=False):
+        # begun before checkpoints counted by content: the same config, from now on by content
+        log.info("output %s: its config hash now names the checkpoint by content", cfg.output.path)
+        manifest.config_sha256 = config_hash
+        manifest.save(out)
     if manifest.config_sha256 != config_hash:
         raise StorageError(
             f"{cfg.output.path} holds shards made with a different stage config "

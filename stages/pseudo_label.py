@@ -88,6 +88,9 @@ class PseudoLabelConfig:
     channels_last: bool = False             # the image backbone and its input in channels_last
     # the feed's threads and queue depth never change the labels (windows are cut in input order)
     runtime_fields: ClassVar[tuple[str, ...]] = ("cpu_workers", "prefetch")
+    # the labels depend on the checkpoint's bytes, not on where it lies: a run whose checkpoint
+    # moved (a workdir moved with it) still resumes
+    content_fields: ClassVar[tuple[str, ...]] = ("checkpoint",)
     # per actor: num_gpus GPUs when the Ray cluster has GPUs, else the teacher runs on CPU
     resources: Resources = field(default_factory=lambda: Resources(actors=1, num_cpus=0.5, num_gpus=1.0))
 

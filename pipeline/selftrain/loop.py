@@ -88,7 +88,10 @@ def _train(cfg: SelfTrainConfig, name: str, out: Path, sources: dict[str, TrainS
     done = out / "train_summary.json"
     if done.exists() and (out / "model").exists():
         log.info("%s: already trained (%s)", name, out)
-        return {**json.loads(done.read_text()), "reused": True}
+        summary = json.loads(done.read_text())
+        # the folders as they are now (the workdir may have moved since it was written)
+        moved = {k: str(out / Path(summary[k]).name) for k in ("model", "model_ema") if summary.get(k)}
+        return {**summary, **moved, "output": str(out), "reused": True}
     job = load(TrainJobConfig, cfg.train, overrides, validate=False)   # output and sources come next
     init = {} if init_from is None else {"init": InitKind.CHECKPOINT, "init_checkpoint": init_from}
     job = dataclasses.replace(

@@ -39,6 +39,30 @@ def test_semantic_hash_ignores_how_it_runs_but_not_what_it_computes(tmp_path):
     assert semantic_hash(load_run_config(path, ["stages.ingest.min_size=100"])) != base
 
 
+def test_semantic_hash_names_the_teacher_by_its_bytes_not_its_path(tmp_path):
+    """A checkpoint folder moved elsewhere hashes the same; other bytes hash differently; a path
+    that does not exist (or a URL) counts as written; by_content=False is the path-based hash."""
+    import shutil
+    path = _write(tmp_path, "input: {shards: [a.tar]}\noutput: {path: out}\n")
+    ckpt = tmp_path / "a" / "model"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "config.json").write_text("{}")
+
+    def run_hash(checkpoint, by_content=True):
+        return semantic_hash(load_run_config(path, [f"stages.pseudo_label.checkpoint={checkpoint}"]), by_content)
+
+    here = run_hash(ckpt)
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    moved = tmp_path / "b" / "model"
+    assert run_hash(moved) == here
+    assert run_hash(moved, by_content=False) != run_hash(ckpt, by_content=False)
+    (moved / "model.safetensors").write_bytes(b"other weights")
+    assert run_hash(moved) != here
+    assert run_hash(tmp_path / "missing") == run_hash(tmp_path / "missing", by_content=False)
+    assert run_hash("s3://bucket/model") == run_hash("s3://bucket/model", by_content=False)
+
+
 @pytest.mark.parametrize("override, expected", [
     ("stages.ingest.min_sise=3", "unknown key stages.ingest.min_sise"),
     ("stages.ingest.min_size=big", "stages.ingest.min_size"),

@@ -239,3 +239,30 @@ def test_a_version_2_manifest_with_its_records_inline_is_resumed_and_segmented(t
     new = read_manifest(out)
     assert new["version"] == 3 and new["segments"] == [segment_name(0)]
     assert new["shards"] == old["shards"] and new["totals"] == old["totals"]
+
+
+def test_an_output_begun_with_the_teacher_named_by_path_resumes_and_moves_to_its_bytes(tmp_path):
+    """An output whose manifest holds the path-based hash (begun before checkpoints counted by
+    content) resumes with the same config and is rewritten to the content hash, so the teacher
+    may move afterwards; a different teacher is still refused."""
+    from pipeline.config import semantic_hash
+    from pipeline.storage import StorageError
+
+    ckpt = tmp_path / "teacher.pth"
+    ckpt.write_bytes(b"weights")
+    cfg = _cfg(tmp_path / "out", f"stages.pseudo_label.checkpoint={ckpt}")
+    out = OutputDir(cfg.output.path)
+    old = Manifest(config_sha256=semantic_hash(cfg, by_content=False), config={}, inputs=[])
+    out.ensure()
+    old.save(out)
+    _commit(cfg, old, "00000")
+    state = open_output(OutputDir(cfg.output.path), cfg, [])
+    assert state.manifest.config_sha256 == semantic_hash(cfg) != semantic_hash(cfg, by_content=False)
+    assert "00000" in state.recovered
+    moved = tmp_path / "elsewhere.pth"
+    ckpt.rename(moved)
+    assert open_output(OutputDir(cfg.output.path), _cfg(tmp_path / "out", f"stages.pseudo_label.checkpoint={moved}"),
+                       []).manifest.config_sha256 == state.manifest.config_sha256
+    moved.write_bytes(b"other weights")
+    with pytest.raises(StorageError, match="different stage config"):
+        open_output(OutputDir(cfg.output.path), _cfg(tmp_path / "out", f"stages.pseudo_label.checkpoint={moved}"), [])

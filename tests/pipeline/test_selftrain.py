@@ -3,8 +3,10 @@ student -> evaluation of both -> REPORT.md, for two rounds (the student of round
 a few steps each: this checks the loop, not accuracy)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 
@@ -113,11 +115,16 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     assert "the config's student_min_score" in rounds[0]["score_bar_why"]
     assert "Said plainly: this bar was chosen from the curve above" in report
     assert [row["bar"] for row in rounds[0]["quality"]["by_score"]][:2] == [0.0, 0.2]
-    # rerunning skips every finished step
-    again = selftrain(cfg)
+    # rerunning skips every finished step, also from a workdir moved elsewhere (the old one gone:
+    # the teachers are named by their bytes, the models found where they are now)
+    moved = tmp_path.with_name(tmp_path.name + "_moved")
+    shutil.move(str(tmp_path), str(moved))
+    again = selftrain(dataclasses.replace(cfg, workdir=str(moved)))
     assert all(again["timings"][f"train {name}"] < 5 for name in ("teacher", "control", "student"))
+    assert again["rounds"][1]["lineage"]["teacher"]["model"] == str(moved / "student" / "model")
+    assert again["rounds"][1]["lineage"]["teacher"]["sha256"] == one["student"]["sha256"]
     assert "student − control" in report
-    rerun_report = (tmp_path / "REPORT.md").read_text()
+    rerun_report = (moved / "REPORT.md").read_text()
     for step in ("world", "train teacher", "pseudo-label web shards", "train control", "train student",
                  "evaluate teacher", "evaluate control", "evaluate student",
                  "pseudo-label web shards (round 2)", "train student (round 2)", "evaluate student (round 2)",
