@@ -51,6 +51,10 @@ class SelfTrainConfig:
     rounds: int = 1
     # paired bootstrap of the held-out images: resamples behind the noise of each difference
     noise_resamples: int = 50
+    # more controls, each the control with another data-order seed (seed + 1000 k; same init and
+    # steps): the spread of single trainings when only the sample stream changes, which the
+    # bootstrap (the evaluation set's luck) does not see. One control training each; 0 = none
+    control_repeats: int = 0
     pseudo_weight: float = 1.0           # mixture weight of the pseudo source for the student
     # 0: the pseudo samples take pseudo_weight's share of the student's batches (they replace gold
     # samples); n > 0: n pseudo samples are added to every batch of batch_size gold samples, which
@@ -100,6 +104,9 @@ class SelfTrainConfig:
                              f"pseudo_per_batch {self.pseudo_per_batch}")
         if self.max_novel_phrases < 0:
             raise ValueError(f"max_novel_phrases: expected >= 0 (0: no limit), got {self.max_novel_phrases}")
+        if self.control_repeats < 0 or (self.control_repeats and not self.control):
+            raise ValueError(f"control_repeats: expected >= 0, and control: true to repeat it, got "
+                             f"{self.control_repeats} (control: {self.control})")
         if self.noise_resamples < 0:
             raise ValueError(f"noise_resamples: expected >= 0 (0: none), got {self.noise_resamples}")
 

@@ -78,7 +78,7 @@ def _sources(world, pseudo_shards: str | None, cfg: SelfTrainConfig,
 
 
 def _train(cfg: SelfTrainConfig, name: str, out: Path, sources: dict[str, TrainSourceConfig],
-           overrides: list[str], init_from: str | None = None) -> dict:
+           overrides: list[str], init_from: str | None = None, seed: int | None = None) -> dict:
     """Train one model: ``cfg.train`` with the user's ``overrides``, then what the loop decides
     (output, seed, sources, device, initialisation) set on the typed config."""
     from core.config import load, validate_tree
@@ -95,7 +95,7 @@ def _train(cfg: SelfTrainConfig, name: str, out: Path, sources: dict[str, TrainS
     job = load(TrainJobConfig, cfg.train, overrides, validate=False)   # output and sources come next
     init = {} if init_from is None else {"init": InitKind.CHECKPOINT, "init_checkpoint": init_from}
     job = dataclasses.replace(
-        job, output=str(out), seed=cfg.seed, progress=cfg.progress,
+        job, output=str(out), seed=cfg.seed if seed is None else seed, progress=cfg.progress,
         data=dataclasses.replace(job.data, sources=sources),
         ray=dataclasses.replace(job.ray, use_gpu=resolve_device(cfg.device).type == "cuda"), **init)
     validate_tree(job, source=f"{cfg.train} for the {name}")
@@ -205,6 +205,14 @@ def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, re
         if summary.get("reused"):
             reused.add(f"train {name}" + tag)
         models[name] = _model(summary)
+    repeats = {}                                 # the control again, with other data-order seeds
+    for j in range(1, cfg.control_repeats + 1):
+        name = f"control_seed{j}"
+        summary = timed(f"train {name}", _train, cfg, name, here / name, _sources(world, None, cfg),
+                        cfg.student_overrides, init_from, cfg.seed + 1000 * j)
+        if summary.get("reused"):
+            reused.add(f"train {name}" + tag)
+        repeats[name] = _model(summary)
     if all((teacher["eval_dir"] / f"{teacher['name']}_{kind}_metrics.json").exists()
            for kind in ("detection", "grounding")):
         reused.add("evaluate teacher" + tag)     # round k > 1: the student of round k - 1, evaluated there
@@ -214,6 +222,16 @@ def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, re
         if all((here / "eval" / f"{name}_{kind}_metrics.json").exists() for kind in ("detection", "grounding")):
             reused.add(f"evaluate {name}" + tag)
         results[name] = timed(f"evaluate {name}", _evaluate, cfg, world, name, model, here / "eval")
+    spread = None
+    if repeats:
+        for name, model in repeats.items():
+            if all((here / "eval" / f"{name}_{kind}_metrics.json").exists() for kind in ("detection", "grounding")):
+                reused.add(f"evaluate {name}" + tag)
+            spread = {**(spread or {}), name: timed(f"evaluate {name}", _evaluate, cfg, world, name, model,
+                                                    here / "eval")}
+        from pipeline.selftrain.noise import training_spread
+        spread = training_spread({"control": results["control"], **spread},
+                                 {n: cfg.seed + 1000 * j for j, n in enumerate(["control", *repeats])})
     predictions = {"teacher": teacher["eval_dir"] / f"{teacher['name']}_detection_predictions.json",
                    **{n: here / "eval" / f"{n}_detection_predictions.json" for n in models}}
     noise = None
@@ -227,6 +245,7 @@ def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, re
                **{n: {"model": m, "sha256": sha256_path(m), "init_from": init_from} for n, m in models.items()}}
     return {"round": k, "dir": str(here), "results": results, "label": label.totals, "quality": quality,
             "score_bar": bar, "score_bar_why": why, "noise": noise, "lineage": lineage, "oracle_shards": oracle,
+            "training_spread": spread,
             "student_model": models["student"], "student_eval_dir": here / "eval"}
 
 
@@ -270,7 +289,7 @@ def selftrain(cfg: SelfTrainConfig) -> dict:
     extras["stats_plots"] = [str(Path("plots") / Path(p).name) for p in report.plots]
     (root / "REPORT.md").write_text(write_report(cfg, root, extras))
     keep = ("round", "results", "label", "quality", "score_bar", "score_bar_why", "noise", "lineage",
-            "oracle_shards")
+            "oracle_shards", "training_spread")
     out = {"config": to_dict(cfg), "results": rounds[0]["results"], "pseudo_quality": rounds[0]["quality"],
            "rounds": [{k: r[k] for k in keep} for r in rounds], "timings": timings,
            "report": str(root / "REPORT.md")}

@@ -6,6 +6,8 @@ differences are paired) and re-scores every model's saved predictions (``NAME_de
 predictions.json``) on it with the same pycocotools protocol as the evaluation. A repeated image
 gets a new id, its annotations and detections copied under it. The standard deviation of
 ``a - b`` over the resamples is the noise to read a measured ``a - b`` against.
+
+``training_spread`` is the other noise: the same training with another data-order seed.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["paired_bootstrap"]
+__all__ = ["paired_bootstrap", "training_spread"]
 
 METRICS = ("AP", "APr", "APc", "APf")
 
@@ -66,3 +68,20 @@ def paired_bootstrap(gt_file: str | Path, predictions: dict[str, str | Path],
                           "p_positive": float(np.mean(np.array(v) > 0))} if len(v) > 1 else None)
                      for k, v in by_metric.items()}
     return {"resamples": resamples, "images": len(ids), "pairs": out}
+
+
+def training_spread(metrics: dict[str, dict], seeds: dict[str, int]) -> dict:
+    """The spread of single trainings that differ only in their data-order seed.
+
+    ``metrics``: name -> that control's evaluation ({"detection": {"AP", "APr", "APf", ...}});
+    ``seeds``: name -> its data-order seed. Returns {"seeds": {...}, "AP": {"values": [...],
+    "sd": sample standard deviation or None}, "APr": ..., "APf": ...} (values None where the
+    evaluation has none; sd None with fewer than two values)."""
+    import statistics
+
+    out: dict = {"seeds": dict(seeds)}
+    for key in ("AP", "APr", "APf"):
+        values = [m["detection"].get(key) for m in metrics.values()]
+        known = [v for v in values if v is not None]
+        out[key] = {"values": values, "sd": statistics.stdev(known) if len(known) > 1 else None}
+    return out

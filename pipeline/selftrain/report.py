@@ -129,6 +129,18 @@ def _round_lines(cfg: SelfTrainConfig, r: dict) -> list[str]:
         lines += ["", f"(± x: the standard deviation of that difference over {noise['resamples']} paired bootstrap "
                       f"resamples of the {noise['images']} held-out images, every model scored on the same draw: "
                       "the evaluation noise to read the difference against.)"]
+    spread = r.get("training_spread")
+    if spread:
+        seeds = ", ".join(str(v) for v in spread["seeds"].values())
+
+        def row(key):
+            values = ", ".join(_fmt(v) for v in spread[key]["values"])
+            return f"{key} {values} (SD {_fmt(spread[key]['sd'])})"
+
+        lines += ["", f"Training spread: the control trained {len(spread['seeds'])} times, with data-order seeds "
+                      f"{seeds} (same initialisation and steps): {'; '.join(row(k) for k in ('AP', 'APr', 'APf'))}. "
+                      "That is how far a single training moves when only its sample stream changes, which the "
+                      "± above does not include: read student − control against both."]
     lines += [""] + [_verdict(results, b) for b in bases] + [""]
     if r.get("oracle_shards"):
         o = r["oracle_shards"]

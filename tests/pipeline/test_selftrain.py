@@ -23,6 +23,8 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
         # really reads pseudo labels in this short test
         "teacher_min_score=0.0", "student_min_score=0.0", "unlabelled_phrases=ignore", "pack_captions=2",
         "rounds=2", "noise_resamples=3",
+        # the control again with another data-order seed: the spread of single trainings
+        "control_repeats=1",
         # the oracle: the student's recipe on the web images' true boxes (synth.truth.write_oracle_shards)
         "oracle=true",
         # one pseudo sample added to every batch (demo.yaml's known_phrases: ignore skips the images
@@ -115,6 +117,16 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     assert "the config's student_min_score" in rounds[0]["score_bar_why"]
     assert "Said plainly: this bar was chosen from the curve above" in report
     assert [row["bar"] for row in rounds[0]["quality"]["by_score"]][:2] == [0.0, 0.2]
+    # the training spread: the control and one more with data-order seed 0 + 1000, both evaluated
+    spread = rounds[0]["training_spread"]
+    assert spread["seeds"] == {"control": 0, "control_seed1": 1000} and len(spread["AP"]["values"]) == 2
+    repeat = json.loads((tmp_path / "control_seed1" / "train_config.json").read_text())
+    control = json.loads((tmp_path / "control" / "train_config.json").read_text())
+    assert repeat["seed"] == 1000 and control["seed"] == 0
+    assert repeat["init_checkpoint"] == control["init_checkpoint"] and repeat["data"] == control["data"]
+    assert batches("control_seed1") != control_batches
+    assert "Training spread: the control trained 2 times, with data-order seeds 0, 1000" in report
+    assert (tmp_path / "round2" / "control_seed1" / "model").exists()
     # rerunning skips every finished step, also from a workdir moved elsewhere (the old one gone:
     # the teachers are named by their bytes, the models found where they are now)
     moved = tmp_path.with_name(tmp_path.name + "_moved")
@@ -128,5 +140,6 @@ def test_the_whole_loop_runs_and_reports_real_numbers(ray_session, tmp_path):
     for step in ("world", "train teacher", "pseudo-label web shards", "train control", "train student",
                  "evaluate teacher", "evaluate control", "evaluate student",
                  "pseudo-label web shards (round 2)", "train student (round 2)", "evaluate student (round 2)",
-                 "oracle shards", "train oracle", "evaluate oracle", "train oracle (round 2)"):
+                 "oracle shards", "train oracle", "evaluate oracle", "train oracle (round 2)",
+                 "train control_seed1", "evaluate control_seed1"):
         assert re.search(rf"- {re.escape(step)}: \d+ s \(output of an earlier run, reused\)", rerun_report), step

@@ -36,3 +36,29 @@ def test_identical_models_have_no_noise_and_a_better_one_wins_every_draw(tmp_pat
     # the draw is seeded: the same seed gives the same noise
     again = paired_bootstrap(gt, preds, [("a", "c")], resamples=20, seed=0)
     assert again["pairs"]["a - c"] == better
+
+
+def test_training_spread_is_the_sample_sd_of_the_controls_metrics():
+    from pipeline.selftrain.noise import training_spread
+
+    metrics = {"control": {"detection": {"AP": 0.30, "APr": 0.05, "APf": None}},
+               "control_seed1": {"detection": {"AP": 0.28, "APr": 0.07, "APf": None}},
+               "control_seed2": {"detection": {"AP": 0.26, "APr": None, "APf": None}}}
+    spread = training_spread(metrics, {"control": 0, "control_seed1": 1000, "control_seed2": 2000})
+    assert spread["seeds"] == {"control": 0, "control_seed1": 1000, "control_seed2": 2000}
+    assert spread["AP"]["values"] == [0.30, 0.28, 0.26] and spread["AP"]["sd"] == pytest.approx(0.02)
+    assert spread["APr"]["values"] == [0.05, 0.07, None] and spread["APr"]["sd"] == pytest.approx(0.02 ** 0.5 * 0.1)
+    assert spread["APf"]["sd"] is None
+    one = training_spread({"control": metrics["control"]}, {"control": 0})
+    assert one["AP"]["sd"] is None
+
+
+def test_control_repeats_needs_the_control(tmp_path):
+    from core.config import ConfigError
+    from pipeline.selftrain import load_selftrain_config
+
+    cfg = load_selftrain_config("configs/demo.yaml", [f"workdir={tmp_path}", "control_repeats=2"])
+    assert cfg.control_repeats == 2
+    for bad in (["control_repeats=-1"], ["control_repeats=1", "control=false"]):
+        with pytest.raises(ConfigError, match="control_repeats"):
+            load_selftrain_config("configs/demo.yaml", [f"workdir={tmp_path}", *bad])
