@@ -206,10 +206,12 @@ def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, re
             reused.add(f"train {name}" + tag)
         models[name] = _model(summary)
     repeats = {}                                 # the control again, with other data-order seeds
+    seeds = {"control": cfg.seed}
     for j in range(1, cfg.control_repeats + 1):
         name = f"control_seed{j}"
+        seeds[name] = cfg.seed + 1000 * j
         summary = timed(f"train {name}", _train, cfg, name, here / name, _sources(world, None, cfg),
-                        cfg.student_overrides, init_from, cfg.seed + 1000 * j)
+                        cfg.student_overrides, init_from, seeds[name])
         if summary.get("reused"):
             reused.add(f"train {name}" + tag)
         repeats[name] = _model(summary)
@@ -224,14 +226,14 @@ def _round(cfg: SelfTrainConfig, world, k: int, teacher: dict, timings: dict, re
         results[name] = timed(f"evaluate {name}", _evaluate, cfg, world, name, model, here / "eval")
     spread = None
     if repeats:
+        from pipeline.selftrain.noise import training_spread
+
+        controls = {"control": results["control"]}
         for name, model in repeats.items():
             if all((here / "eval" / f"{name}_{kind}_metrics.json").exists() for kind in ("detection", "grounding")):
                 reused.add(f"evaluate {name}" + tag)
-            spread = {**(spread or {}), name: timed(f"evaluate {name}", _evaluate, cfg, world, name, model,
-                                                    here / "eval")}
-        from pipeline.selftrain.noise import training_spread
-        spread = training_spread({"control": results["control"], **spread},
-                                 {n: cfg.seed + 1000 * j for j, n in enumerate(["control", *repeats])})
+            controls[name] = timed(f"evaluate {name}", _evaluate, cfg, world, name, model, here / "eval")
+        spread = training_spread(controls, seeds)
     predictions = {"teacher": teacher["eval_dir"] / f"{teacher['name']}_detection_predictions.json",
                    **{n: here / "eval" / f"{n}_detection_predictions.json" for n in models}}
     noise = None
