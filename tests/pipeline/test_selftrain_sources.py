@@ -18,7 +18,7 @@ from trainer.data.config import KnownPhrases, SourceKind
 def test_known_phrases_ignore_names_the_detection_categories(tmp_path):
     world = build_world(tmp_path / "world", load(WorldConfig, "configs/world/test.yaml", []))
     categories = [c["name"] for c in json.loads(world.detection_annotations.read_text())["categories"]]
-    assert "circle" in categories and "fish" not in categories
+    assert "circle" in categories and "house" not in categories
     cfg = load_selftrain_config("configs/demo.yaml", [f"workdir={tmp_path}", "known_phrases=ignore"])
     sources = _sources(world, str(tmp_path / "pseudo" / "*.tar"), cfg, 0.3)
     pseudo = sources["pseudo"]
